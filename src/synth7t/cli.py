@@ -1,0 +1,301 @@
+"""The ``synth7t`` command line: one subcommand per stage, each a thin typed wrapper over the Python API.
+
+Heavy libraries (torch, ANTs, MONAI, Lightning) are imported inside the commands so that ``synth7t --help``
+answers at once. Errors caused by the user's input are printed as one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from synth7t import __version__
+
+app = typer.Typer(
+    name="synth7t",
+    help="Synthetic 7T-quality brain MRI from 3T T1-weighted scans: preprocess, pack, train, predict, evaluate, tune.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+log = logging.getLogger("synth7t")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"synth7t {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-v: debug).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    from synth7t.progress import setup_logging
+
+    setup_logging(-1 if quiet else verbose)
+
+
+def user_errors(fn):
+    """Turn Synth7tError into one line on stderr and a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from synth7t.errors import Synth7tError
+
+        try:
+            return fn(*args, **kwargs)
+        except Synth7tError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=exc.exit_code) from None
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("synth7t."):
+                raise
+            typer.echo(f"error: `synth7t {fn.__name__}` is not built in this version ({exc.name} is missing)", err=True)
+            raise typer.Exit(code=3) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _parse_sets(values: list[str] | None) -> dict[str, str]:
+    from synth7t.errors import ConfigError
+
+    out = {}
+    for item in values or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.n_res=2")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# demo
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo cohort and all made from it.")] = Path(
+        "synth7t-demo"),
+    subjects: Annotated[int, typer.Option(help="Number of simulated subjects (>= 8 for the whole chain).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same cohort.")] = 0,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects preprocessed in parallel.")] = 2,
+    cohort_only: Annotated[bool, typer.Option("--cohort-only", help="Only build the simulated cohort.")] = False,
+    benchmark: Annotated[bool, typer.Option("--benchmark", help="Bigger cohort (16), longer training, GAN too; "
+                                            "writes quality.json.")] = False,
+) -> None:
+    """Run the whole chain on simulated 3T/7T pairs built from anatomy shipped in a dependency.
+
+    Builds the demo cohort (SIMULATED data, see OUT/SIMULATED.txt), then preprocesses, packs, trains the `tiny`
+    preset, predicts the held-out subjects and evaluates them into OUT/report/index.html. Rerunning resumes.
+    """
+    from synth7t.pipeline_demo import run_demo
+
+    run_demo(out, n_subjects=subjects, seed=seed, jobs=jobs, cohort_only=cohort_only, benchmark=benchmark)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# preprocess
+
+
+@app.command()
+@user_errors
+def preprocess(
+    manifest: Annotated[Path, typer.Argument(help="Cohort manifest (CSV/TSV) or, with --bids, a BIDS folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Work folder for the preprocessed subjects.")],
+    bids: Annotated[bool, typer.Option("--bids", help="MANIFEST is a BIDS folder.")] = False,
+    bids_entity: Annotated[str, typer.Option(help="BIDS entity telling 3T from 7T (ses, acq, ...).")] = "ses",
+    bids_3t: Annotated[str, typer.Option(help="Entity value of 3T scans.")] = "3T",
+    bids_7t: Annotated[str, typer.Option(help="Entity value of 7T scans.")] = "7T",
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects processed in parallel.")] = 1,
+    shard: Annotated[str | None, typer.Option(help="K/N: process only the K-th of N subsets (SLURM arrays).")] = None,
+    skullstrip: Annotated[str, typer.Option(help="deepbet (offline, default) or synthstrip (FreeSurfer).")] = "deepbet",
+    t3_already_corrected: Annotated[bool, typer.Option(help="Skip N4 on the 3T scans.")] = False,
+    preset: Annotated[str, typer.Option(help="N4 settings: thesis (7T: FWHM 0.18, Wiener 0.1, 150x4, shrink 4) "
+                                        "or demo (fewer iterations).")] = "thesis",
+    key_file: Annotated[Path | None, typer.Option(help="Secret key for pseudonyms (created if absent).")] = None,
+    mapping: Annotated[Path | None, typer.Option(help="Private CSV to write subject -> pseudonym into.")] = None,
+    keep_head: Annotated[Path | None, typer.Option(help="Also keep full-head images, in this PRIVATE folder.")] = None,
+) -> None:
+    """Bias-correct, skull-strip, coregister and QC each 3T/7T pair of a cohort (resumable, parallel)."""
+    from synth7t.manifest import BidsMatch, load_cohort
+
+    match = BidsMatch(entity=bids_entity, t3=bids_3t, t7=bids_7t) if bids else None
+    subjects = load_cohort(manifest, bids=match)
+    shard_kn = _parse_shard(shard)
+    from synth7t.preprocess.pipeline import PreprocessConfig, preprocess_cohort
+
+    cfg = PreprocessConfig.from_cli(skullstrip=skullstrip, t3_already_corrected=t3_already_corrected, preset=preset)
+    result = preprocess_cohort(subjects, out, cfg, jobs=jobs, shard=shard_kn, key_file=key_file,
+                               mapping_file=mapping, head_dir=keep_head)
+    typer.echo(result.summary())
+    if result.failed:
+        raise typer.Exit(code=1)
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    from synth7t.errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {value!r}: expected K/N, e.g. 1/4") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard {value!r}: need 1 <= K <= N")
+    return k, n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pack
+
+
+@app.command()
+@user_errors
+def pack(
+    work: Annotated[Path, typer.Argument(help="Work folder written by `synth7t preprocess`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Slice store folder.")],
+    multiple: Annotated[int, typer.Option(help="Pad in-plane size to a multiple of this (2^downsamplings).")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the subject split.")] = 0,
+    val: Annotated[float, typer.Option(help="Fraction of subjects for validation.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Fraction of subjects held out for testing.")] = 0.15,
+    overwrite: Annotated[bool, typer.Option(help="Rebuild an existing store.")] = False,
+) -> None:
+    """Crop, normalize and store preprocessed subjects as float16 memory-mapped slices with splits."""
+    from synth7t.dataset.pack import pack as pack_fn
+
+    path = pack_fn(work, out, multiple=multiple, seed=seed, split=(1 - val - test, val, test), overwrite=overwrite)
+    typer.echo(f"slice store: {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train
+
+
+@app.command()
+@user_errors
+def train(
+    store: Annotated[Path, typer.Argument(help="Slice store written by `synth7t pack`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (model folder + checkpoints + logs).")],
+    preset: Annotated[str, typer.Option(help="unc, biofinder, gan (thesis) or tiny (CPU), or a YAML file.")] = "tiny",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: model.n_res=2")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    devices: Annotated[str, typer.Option(help="Number of devices (GPUs) for DDP, or 'auto'.")] = "1",
+    num_nodes: Annotated[int, typer.Option(help="Nodes for multi-node DDP (SLURM).")] = 1,
+    perceptual: Annotated[str | None, typer.Option(help="Perceptual backbone: deepbet, radimagenet or none.")] = None,
+) -> None:
+    """Train the attention residual U-net (or the WGAN-GP variant) and write a self-describing model folder."""
+    overrides = _parse_sets(set_)
+    from synth7t.training import train as train_fn
+
+    if perceptual is not None:
+        overrides["loss.perceptual"] = perceptual
+    model_dir = train_fn(store, out, preset=preset, overrides=overrides, resume=resume, device=device,
+                         devices=devices, num_nodes=num_nodes)
+    typer.echo(f"model folder: {model_dir}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# predict
+
+
+@app.command()
+@user_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="Model folder written by `synth7t train`.")],
+    inputs: Annotated[list[Path], typer.Argument(help="3T scans (files), folders of scans, or a manifest CSV/TSV.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one file or folder per input).")],
+    preprocessed: Annotated[bool, typer.Option(help="Inputs are bias-corrected, skull-stripped brains.")] = False,
+    age: Annotated[float | None, typer.Option(help="Age in years (all inputs; a manifest gives per-scan ages).")] = None,
+    sex: Annotated[str | None, typer.Option(help="F or M.")] = None,
+    diagnosis: Annotated[str | None, typer.Option(help="normal, scd, mci, dementia (or healthy/ill).")] = None,
+    tta: Annotated[bool, typer.Option(help="Flip test-time augmentation + an uncertainty map.")] = False,
+    rescale: Annotated[bool, typer.Option(help="Rescale output to the input's clipped intensity range.")] = False,
+    resample_to_input: Annotated[bool, typer.Option(help="Also write the prediction on the input's grid.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Redo inputs whose outputs exist.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Slices per forward pass (default: adapts to memory).")] = None,
+) -> None:
+    """Turn raw 3T T1w scans into synthetic 7T brains, in the input's own world space."""
+    from synth7t.inference import PredictOptions
+    from synth7t.inference import predict as predict_fn
+
+    opts = PredictOptions(preprocessed=preprocessed, age=age, sex=sex, diagnosis=diagnosis, tta=tta,
+                          rescale=rescale, resample_to_input=resample_to_input, overwrite=overwrite,
+                          device=device, batch_size=batch_size)
+    result = predict_fn(model, inputs, out, opts)
+    typer.echo(result.summary())
+    if result.failed:
+        raise typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Model folder.")],
+    data: Annotated[Path, typer.Argument(help="Slice store (its split is used) or a preprocessed work folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (index.html, CSV, figures).")],
+    split: Annotated[str, typer.Option(help="Which split of the store to evaluate.")] = "test",
+    segmentation: Annotated[str, typer.Option(help="auto (SynthSeg if on PATH, else Atropos), synthseg, atropos "
+                                              "or none.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Metrics (PSNR, SSIM, HFEN, DICE) of the model and of interpolation baselines on held-out subjects."""
+    from synth7t.evaluation.evaluate import evaluate as evaluate_fn
+
+    index = evaluate_fn(model, data, out, split=split, segmentation=segmentation, device=device)
+    typer.echo(f"report: {index}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tune
+
+
+@app.command()
+@user_errors
+def tune(
+    store: Annotated[Path, typer.Argument(help="Slice store.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Study folder (SQLite study, trial runs, Pareto front).")],
+    trials: Annotated[int, typer.Option(help="Number of trials (in total, counting finished ones).")] = 20,
+    budget_minutes: Annotated[float, typer.Option(help="Training minutes per trial.")] = 10.0,
+    preset: Annotated[str, typer.Option(help="Base preset the search starts from.")] = "tiny",
+    objective: Annotated[str, typer.Option(help="multi (PSNR and SSIM), psnr or ssim.")] = "multi",
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+) -> None:
+    """Optuna search over the thesis' training settings; resumable; writes the Pareto front."""
+    from synth7t.tuning import tune as tune_fn
+
+    path = tune_fn(store, out, trials=trials, budget_minutes=budget_minutes, preset=preset, objective=objective,
+                   seed=seed)
+    typer.echo(f"study: {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `synth7t --help | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Cohort manifests: CSV/TSV files or BIDS folders -> validated :class:`Subject` records.
+
+A manifest is a CSV or TSV with the columns ``subject, t3, t7, age, sex, diagnosis`` (``t7`` may be empty or
+absent for prediction-only cohorts; ``min_slice`` and ``exclude`` are optional QC overrides; any other column is
+kept in :attr:`Subject.extra`). Relative paths are resolved against the manifest's folder. Validation reports
+every bad row at once, with its row number (the header is row 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synth7t.errors import ManifestError
+
+REQUIRED_COLUMNS = ("subject", "t3")
+KNOWN_COLUMNS = ("subject", "t3", "t7", "age", "sex", "diagnosis", "min_slice", "exclude")
+SEX_CODES = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M"}
+# thesis 1.1: healthy = cognitively normal or subjective cognitive decline; ill = MCI or dementia
+DIAGNOSIS_GROUPS = {
+    "normal": "healthy",
+    "cn": "healthy",
+    "hc": "healthy",
+    "control": "healthy",
+    "healthy": "healthy",
+    "scd": "healthy",
+    "mci": "ill",
+    "dementia": "ill",
+    "demented": "ill",
+    "ad": "ill",
+    "ill": "ill",
+}
+MISSING = {"", "na", "n/a", "nan", "none", "null", "-"}
+TRUE = {"1", "true", "yes", "y", "x"}
+FALSE = {"0", "false", "no", "n"} | MISSING
+
+
+@dataclass
+class Subject:
+    """One row of a cohort: a 3T scan, optionally its paired 7T scan, and covariates."""
+
+    subject: str
+    t3: Path
+    t7: Path | None = None
+    age: float | None = None
+    sex: str | None = None  # "F", "M" or None
+    diagnosis: str | None = None  # as given, lower case (e.g. "normal", "scd", "mci", "dementia")
+    min_slice: int | None = None
+    exclude: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def group(self) -> str | None:
+        """Diagnosis group of thesis 1.1: "healthy", "ill" or None when unknown."""
+        return diagnosis_group(self.diagnosis)
+
+    def covariates(self) -> dict:
+        return {"age": self.age, "sex": self.sex, "diagnosis": self.diagnosis, "group": self.group}
+
+
+def diagnosis_group(diagnosis: str | None) -> str | None:
+    if diagnosis is None:
+        return None
+    return DIAGNOSIS_GROUPS.get(diagnosis.strip().lower())
+
+
+def parse_sex(value: str | None) -> str | None:
+    """Map a sex code to "F"/"M"; None for missing; ValueError for an unknown code."""
+    if value is None or value.strip().lower() in MISSING:
+        return None
+    key = value.strip().lower()
+    if key not in SEX_CODES:
+        raise ValueError(f"unknown sex code {value!r} (use F/M, female/male)")
+    return SEX_CODES[key]
+
+
+def parse_age(value: str | None) -> float | None:
+    if value is None or value.strip().lower() in MISSING:
+        return None
+    try:
+        age = float(value)
+    except ValueError:
+        raise ValueError(f"unparseable age {value!r}") from None
+    if not math.isfinite(age) or age < 0 or age > 130:
+        raise ValueError(f"age {value!r} out of range 0-130")
+    return age
+
+
+def parse_diagnosis(value: str | None) -> str | None:
+    if value is None or value.strip().lower() in MISSING:
+        return None
+    key = value.strip().lower()
+    if key not in DIAGNOSIS_GROUPS:
+        known = ", ".join(sorted(DIAGNOSIS_GROUPS))
+        raise ValueError(f"unknown diagnosis {value!r} (known: {known})")
+    return key
+
+
+def _parse_bool(value: str | None) -> bool:
+    key = (value or "").strip().lower()
+    if key in TRUE:
+        return True
+    if key in FALSE:
+        return False
+    raise ValueError(f"cannot read {value!r} as yes/no")
+
+
+def _parse_int(value: str | None) -> int | None:
+    if value is None or value.strip().lower() in MISSING:
+        return None
+    try:
+        out = int(value)
+    except ValueError:
+        raise ValueError(f"min_slice {value!r} is not an integer") from None
+    if out < 0:
+        raise ValueError(f"min_slice {value!r} is negative")
+    return out
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value.strip()).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def read_manifest(path: str | Path, *, require_t7: bool = False, check_files: bool = True) -> list[Subject]:
+    """Read and validate a CSV/TSV manifest.
+
+    Raises :class:`ManifestError` listing every problem (with row numbers) when any row is bad.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ManifestError(p, ["file not found"])
+    if p.is_dir():
+        raise ManifestError(p, ["is a folder; give a CSV/TSV manifest or use --bids"])
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ManifestError(p, ["not a text file (expected CSV or TSV)"]) from None
+    if not text.strip():
+        raise ManifestError(p, ["manifest is empty"])
+    delimiter = "\t" if p.suffix.lower() == ".tsv" or text.splitlines()[0].count("\t") > 0 else ","
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if require_t7 and "t7" not in columns:
+        missing.append("t7")
+    if missing:
+        raise ManifestError(p, [f"missing column(s) {', '.join(missing)} (have: {', '.join(columns)})"])
+    subjects, problems, seen = [], [], {}
+    for rowno, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
+        if None in raw:
+            problems.append(f"row {rowno}: more fields than columns")
+            continue
+        sub, errs = _parse_row(row, p.parent, require_t7=require_t7, check_files=check_files)
+        if sub is not None and sub.subject in seen:
+            errs.append(f"duplicate subject {sub.subject!r} (first in row {seen[sub.subject]})")
+        problems += [f"row {rowno}: {e}" for e in errs]
+        if sub is not None and not errs:
+            seen[sub.subject] = rowno
+            subjects.append(sub)
+        elif sub is not None:
+            seen.setdefault(sub.subject, rowno)
+    if problems:
+        raise ManifestError(p, problems)
+    if not subjects:
+        raise ManifestError(p, ["no subjects"])
+    return subjects
+
+
+def _parse_row(row: dict, base: Path, *, require_t7: bool, check_files: bool) -> tuple[Subject | None, list]:
+    errs: list[str] = []
+    sid = row.get("subject", "")
+    if not sid:
+        return None, ["empty subject"]
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", sid):
+        errs.append(f"subject {sid!r} has characters other than letters, digits, '.', '_' or '-'")
+    paths = {}
+    for col in ("t3", "t7"):
+        val = row.get(col, "")
+        if not val:
+            if col == "t3" or require_t7:
+                errs.append(f"empty {col}")
+            paths[col] = None
+            continue
+        paths[col] = _resolve(base, val)
+        if check_files and not paths[col].is_file():
+            errs.append(f"{col} file not found: {paths[col]}")
+    values = {}
+    for col, fn in (("age", parse_age), ("sex", parse_sex), ("diagnosis", parse_diagnosis),
+                    ("min_slice", _parse_int), ("exclude", _parse_bool)):
+        try:
+            values[col] = fn(row.get(col))
+        except ValueError as exc:
+            errs.append(str(exc))
+            values[col] = None
+    extra = {k: v for k, v in row.items() if k not in KNOWN_COLUMNS}
+    sub = Subject(subject=sid, t3=paths["t3"], t7=paths["t7"], age=values["age"], sex=values["sex"],
+                  diagnosis=values["diagnosis"], min_slice=values["min_slice"],
+                  exclude=bool(values["exclude"]), extra=extra)
+    return sub, errs
+
+
+def write_manifest(path: str | Path, subjects: list[Subject]) -> Path:
+    """Write subjects as a CSV manifest (paths relative to the manifest's folder where possible)."""
+    import io as _io
+
+    from synth7t.io import write_text
+
+    dest = Path(path)
+    extras = sorted({k for s in subjects for k in s.extra})
+    buf = _io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["subject", "t3", "t7", "age", "sex", "diagnosis", *extras])
+
+    def rel(p: Path | None) -> str:
+        if p is None:
+            return ""
+        try:
+            return str(Path(p).resolve().relative_to(dest.parent.resolve()))
+        except ValueError:
+            return str(p)
+
+    for s in subjects:
+        age = "" if s.age is None else f"{s.age:g}"
+        writer.writerow([s.subject, rel(s.t3), rel(s.t7), age, s.sex or "", s.diagnosis or "",
+                         *[s.extra.get(k, "") for k in extras]])
+    return write_text(dest, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BIDS
+
+
+@dataclass
+class BidsMatch:
+    """How 3T and 7T scans are told apart in a BIDS folder: a BIDS entity and its value for each field strength.
+
+    The default matches ``ses-3T`` / ``ses-7T``; ``entity="acq", t3="3T", t7="7T"`` matches
+    ``sub-01_acq-3T_T1w.nii.gz``. Values are compared case-insensitively.
+    """
+
+    entity: str = "ses"
+    t3: str = "3T"
+    t7: str = "7T"
+    suffix: str = "T1w"
+
+
+def _entities(name: str) -> dict[str, str]:
+    stem = re.sub(r"\.nii(\.gz)?$", "", name)
+    parts = stem.split("_")
+    return dict(p.split("-", 1) for p in parts[:-1] if "-" in p) | {"suffix": parts[-1]}
+
+
+def read_bids(root: str | Path, match: BidsMatch | None = None, *, require_t7: bool = False) -> list[Subject]:
+    """Discover 3T/7T T1w pairs in a BIDS folder; covariates come from ``participants.tsv`` when present."""
+    match = match or BidsMatch()
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(root, ["BIDS folder not found"])
+    found: dict[str, dict[str, list[Path]]] = {}
+    for f in sorted(root.glob("sub-*/**/anat/*.nii*")):
+        ent = _entities(f.name)
+        if ent.get("suffix") != match.suffix or "sub" not in ent:
+            continue
+        value = (ent.get(match.entity) or "").lower()
+        kind = "t3" if value == match.t3.lower() else "t7" if value == match.t7.lower() else None
+        if kind:
+            found.setdefault(ent["sub"], {"t3": [], "t7": []})[kind].append(f)
+    covs = _participants(root)
+    subjects, problems = [], []
+    for sid, files in sorted(found.items()):
+        for kind in ("t3", "t7"):
+            if len(files[kind]) > 1:
+                problems.append(f"sub-{sid}: {len(files[kind])} {kind} scans match, expected one")
+        if not files["t3"]:
+            problems.append(f"sub-{sid}: no 3T scan ({match.entity}-{match.t3})")
+            continue
+        if require_t7 and not files["t7"]:
+            problems.append(f"sub-{sid}: no 7T scan ({match.entity}-{match.t7})")
+            continue
+        row = covs.get(f"sub-{sid}", {})
+        try:
+            subjects.append(Subject(subject=f"sub-{sid}", t3=files["t3"][0],
+                                    t7=files["t7"][0] if files["t7"] else None,
+                                    age=parse_age(row.get("age")), sex=parse_sex(row.get("sex")),
+                                    diagnosis=parse_diagnosis(row.get("diagnosis"))))
+        except ValueError as exc:
+            problems.append(f"sub-{sid}: participants.tsv: {exc}")
+    if problems:
+        raise ManifestError(root, problems)
+    if not subjects:
+        raise ManifestError(root, [f"no {match.suffix} scans with {match.entity}-{match.t3} found"])
+    return subjects
+
+
+def _participants(root: Path) -> dict[str, dict[str, str]]:
+    f = root / "participants.tsv"
+    if not f.exists():
+        return {}
+    rows = csv.DictReader(f.read_text(encoding="utf-8-sig").splitlines(), delimiter="\t")
+    return {r.get("participant_id", ""): r for r in rows}
+
+
+def load_cohort(source: str | Path, *, bids: BidsMatch | None = None, require_t7: bool = False) -> list[Subject]:
+    """A manifest file, or a BIDS folder (when ``bids`` is given or ``source`` is a folder)."""
+    source = Path(source)
+    if bids is not None or source.is_dir():
+        return read_bids(source, bids, require_t7=require_t7)
+    return read_manifest(source, require_t7=require_t7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pseudonyms (thesis 1.2.4)
+
+
+def pseudonym(subject_id: str, key: bytes, *, prefix: str = "s") -> str:
+    """Keyed pseudonym: HMAC-SHA256 of the subject ID under a secret key, 10 hex digits.
+
+    Without the key the pseudonym cannot be linked back to the ID; the digits are a hash, so no part of the
+    original ID appears in it.
+    """
+    digest = hmac.new(key, subject_id.encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"{prefix}{digest[:10]}"
