@@ -1,0 +1,262 @@
+"""2.5D samples from a slice store (thesis 3.1.3): S = 2k + 1 neighbouring 3T slices -> the middle 7T slice.
+
+* :class:`SliceStore` reads ``store.json`` and opens each subject's ``.npy`` arrays lazily with
+  ``np.load(mmap_mode="r")``. Open memmaps are never pickled and are reopened in a new process (the cache
+  remembers the pid that filled it), so the store survives being sent to DataLoader workers, forked or
+  spawned. At most ``max_open`` subjects are kept open (LRU) to bound file descriptors.
+  Slices read through the memmaps show in RSS as file-backed page cache (clean, reclaimable by the
+  kernel); anonymous memory does not grow with the store or the epoch.
+* :class:`SliceDataset` indexes the valid slices of one split; ``dataset[i]`` is the sample of
+  ``docs/data-layout.md`` (numpy float32 arrays; torch's default collate makes tensors of them) plus
+  ``"augment"`` (JSON string of the augmentation records, ``"[]"`` without augmentation). Subjects without
+  a 7T (split ``"predict"``) give samples without ``"target"``.
+* :class:`VolumeSlices` yields the 2.5D inputs of a whole ``(Z, H, W)`` stack in batches (inference).
+
+Edge slices: a neighbour outside the stack is replaced by the nearest edge slice (index clamped to
+``[0, Z - 1]``), so slice 0 with S = 3 reads slices (0, 0, 1). The store's stacks are cropped to the brain's
+bounding box, so edge slices are (near) empty and replication adds no spurious anatomy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from synth7t.dataset import context as ctx
+from synth7t.dataset.augment import Augmenter, GMMFit
+from synth7t.dataset.pack import KINDS, PREDICT_SPLIT, SPLITS, CropGeometry, read_store_meta
+from synth7t.errors import InputError
+
+
+def neighbour_indices(z: int | np.ndarray, n_slices: int, depth: int) -> np.ndarray:
+    """Indices ``clip(z + (-k..k), 0, depth - 1)`` of the ``n_slices = 2k + 1`` slices around ``z``.
+
+    ``z`` scalar -> shape (S,); ``z`` of shape (B,) -> (B, S).
+    """
+    if n_slices < 1 or n_slices % 2 == 0:
+        raise ValueError(f"n_slices must be a positive odd number, got {n_slices}")
+    k = n_slices // 2
+    offsets = np.arange(-k, k + 1)
+    return np.clip(np.asarray(z)[..., None] + offsets, 0, depth - 1)
+
+
+class SliceStore:
+    """Read access to a slice store folder (see :mod:`synth7t.dataset.pack`)."""
+
+    def __init__(self, path: str | Path, max_open: int = 64):
+        path = Path(path)
+        self.root = path.parent if path.suffix == ".json" else path
+        self.meta = read_store_meta(self.root)
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
+        self.max_open = max_open
+        self._reset_cache()
+
+    def _reset_cache(self) -> None:
+        self._pid = os.getpid()
+        self._open: OrderedDict[str, dict[str, np.memmap]] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()  # never pickle open memmaps
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_cache()
+
+    @property
+    def subjects(self) -> list[str]:
+        return sorted(self.meta["subjects"])
+
+    @property
+    def splits(self) -> dict[str, list[str]]:
+        return self.meta["splits"]
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return tuple(self.meta["hw"])  # type: ignore[return-value]
+
+    def info(self, subject: str) -> dict:
+        try:
+            return self.meta["subjects"][subject]
+        except KeyError:
+            raise InputError(f"{self.root}: subject {subject!r} is not in the slice store") from None
+
+    def split_subjects(self, split: str) -> list[str]:
+        """Subjects of ``split`` ("train", "val", "test", "predict") or ``"all"``."""
+        if split == "all":
+            return self.subjects
+        if split not in (*SPLITS, PREDICT_SPLIT):
+            raise ValueError(f"split must be one of {(*SPLITS, PREDICT_SPLIT, 'all')}, got {split!r}")
+        return list(self.splits.get(split, []))
+
+    def array(self, subject: str, kind: str) -> np.memmap:
+        """The ``(Z, H, W)`` memmap of ``kind`` ("t3", "t7", "mask"), opened on first use in this process."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if os.getpid() != self._pid:  # forked: do not share the parent's open maps
+            self._reset_cache()
+        arrays = self._open.get(subject)
+        if arrays is None:
+            arrays = self._open_subject(subject)
+            self._open[subject] = arrays
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(subject)
+        if kind not in arrays:
+            raise InputError(f"{self.root}: subject {subject!r} has no {kind} array (prediction only?)")
+        return arrays[kind]
+
+    def _open_subject(self, subject: str) -> dict[str, np.memmap]:
+        info = self.info(subject)
+        arrays = {}
+        for kind in KINDS if info.get("has_t7") else ("t3", "mask"):
+            path = self.root / subject / f"{kind}.npy"
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{path}: cannot open ({exc})") from None
+            if list(arr.shape) != list(info["shape"]):
+                raise InputError(f"{path}: shape {arr.shape} differs from store.json's {info['shape']}")
+            arrays[kind] = arr
+        return arrays
+
+    def limits(self, subject: str, kind: str) -> tuple[float, float]:
+        """Normalization limits ``(lo, hi)`` of ``kind`` ("t3" or "t7") for :func:`pack.denormalize`."""
+        return tuple(self.info(subject)["limits"][kind])  # type: ignore[return-value]
+
+    def geometry(self, subject: str) -> CropGeometry:
+        return CropGeometry.from_dict(self.info(subject)["geometry"])
+
+    def gmm(self, subject: str) -> GMMFit | None:
+        d = self.info(subject).get("gmm_t3")
+        return GMMFit.from_dict(d) if d else None
+
+    def valid_slices(self, subject: str) -> np.ndarray:
+        return np.asarray(self.info(subject)["valid_slices"], dtype=np.int64)
+
+    def context(self, subject: str, z: int) -> np.ndarray:
+        """Context vector (CONTEXT_DIM,) of slice ``z`` of ``subject``."""
+        info = self.info(subject)
+        pos = ctx.slice_position(z, info["z_mid"], info["shape"][0])
+        return ctx.encode_context(info.get("age"), info.get("sex"), info.get("group"), pos)
+
+
+class SliceDataset:
+    """Map-style dataset of the valid slices of one split (works with ``torch.utils.data.DataLoader``).
+
+    Augmentations use a generator seeded by ``(seed, epoch, index)``: the same sample is augmented the same
+    way whatever the number of workers; call :meth:`set_epoch` each epoch to draw new parameters
+    (``seed=None`` draws fresh, non-reproducible parameters every time).
+    """
+
+    def __init__(
+        self,
+        store: SliceStore | str | Path,
+        split: str = "train",
+        n_slices: int = 3,
+        augment: Augmenter | None = None,
+        seed: int | None = 0,
+    ):
+        self.store = store if isinstance(store, SliceStore) else SliceStore(store)
+        neighbour_indices(0, n_slices, 1)  # validates n_slices
+        self.split = split
+        self.n_slices = n_slices
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.subjects = self.store.split_subjects(split)
+        subj, zs = [], []
+        for i, name in enumerate(self.subjects):
+            v = self.store.valid_slices(name)
+            subj.append(np.full(v.size, i, dtype=np.int32))
+            zs.append(v.astype(np.int32))
+        self._subject = np.concatenate(subj) if subj else np.zeros(0, np.int32)  # (N,)
+        self._z = np.concatenate(zs) if zs else np.zeros(0, np.int32)  # (N,)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return int(self._z.size)
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(subject, slice) of sample ``index``."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return self.subjects[int(self._subject[index])], int(self._z[index])
+
+    def raw(self, index: int) -> dict:
+        """The un-augmented sample ``index`` (for :func:`augment.replay`)."""
+        name, z = self.locate(index)
+        t3 = self.store.array(name, "t3")  # (Z, H, W) memmap
+        zs = neighbour_indices(z, self.n_slices, t3.shape[0])
+        sample = {
+            "input": np.asarray(t3[zs], dtype=np.float32),  # (S, H, W): reads S slices only
+            "mask": np.asarray(self.store.array(name, "mask")[z : z + 1], dtype=np.float32),  # (1, H, W)
+            "context": self.store.context(name, z),  # (CONTEXT_DIM,)
+            "subject": name,
+            "slice": z,
+            "augment": "[]",
+        }
+        if self.store.info(name).get("has_t7"):
+            t7 = self.store.array(name, "t7")
+            sample["target"] = np.asarray(t7[z : z + 1], dtype=np.float32)  # (1, H, W)
+        return sample
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.raw(index)
+        if self.augment is None:
+            return sample
+        if self.seed is None:
+            rng = np.random.default_rng()
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index) % len(self)])
+        return self.augment(sample, rng=rng, gmm=self.store.gmm(sample["subject"]))
+
+
+class VolumeSlices:
+    """Batches of 2.5D inputs covering a whole ``(Z, H, W)`` stack, in slice order (for inference).
+
+    Iterating yields dicts ``{"slice": int64 (B,), "input": float32 (B, S, H, W), "context": float32
+    (B, CONTEXT_DIM)}``; the context uses ``age``, ``sex``, ``group`` and each slice's position in the stack.
+    """
+
+    def __init__(
+        self,
+        stack: np.ndarray,
+        n_slices: int = 3,
+        *,
+        batch_size: int = 8,
+        age: float | None = None,
+        sex: str | None = None,
+        group: str | None = None,
+    ):
+        if stack.ndim != 3:
+            raise ValueError(f"expected a (Z, H, W) stack, got shape {stack.shape}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        neighbour_indices(0, n_slices, 1)
+        self.stack, self.n_slices, self.batch_size = stack, n_slices, batch_size
+        self.covariates = (age, sex, group)
+
+    def __len__(self) -> int:
+        return -(-self.stack.shape[0] // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        Z = self.stack.shape[0]
+        z_mid = ctx.middle_slice(Z)
+        for start in range(0, Z, self.batch_size):
+            zs = np.arange(start, min(start + self.batch_size, Z))  # (B,)
+            idx = neighbour_indices(zs, self.n_slices, Z)  # (B, S)
+            inputs = np.asarray(self.stack[idx.ravel()], dtype=np.float32)  # (B * S, H, W)
+            inputs = inputs.reshape(idx.shape + self.stack.shape[1:])  # (B, S, H, W)
+            pos = [ctx.slice_position(z, z_mid, Z) for z in zs]
+            context = np.stack([ctx.encode_context(*self.covariates, p) for p in pos])  # (B, CONTEXT_DIM)
+            yield {"slice": zs.astype(np.int64), "input": inputs, "context": context}
