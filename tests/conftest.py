@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -36,3 +37,44 @@ def blob_volume():
     aff[:3, :3] = lin
     aff[:3, 3] = [30.0, 20.0, -15.0]
     return Volume(data, aff)
+
+
+def _dataset_fixtures():
+    """The synthetic work-folder builders of tests/dataset/conftest.py (one source for both suites)."""
+    path = Path(__file__).resolve().parent / "dataset" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("synth7t_dataset_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """(work, store): 8 synthetic subjects, packed with in-plane sizes divisible by 8."""
+    from synth7t.dataset.pack import pack
+
+    root = tmp_path_factory.mktemp("tiny")
+    work = _dataset_fixtures().make_work(root, 8)
+    store = root / "store"
+    pack(work, store, multiple=8, seed=0, split=(5, 1, 2), progress=False)
+    return work, store
+
+
+# a small, quick configuration of the tiny preset: 2 epochs of 6 batches
+FAST_TRAINING = {"trainer.max_epochs": 2, "loss.perceptual": "none", "data.batch_size": 8,
+                 "trainer.log_every_n_steps": 1, "trainer.limit_train_batches": 6, "model.channels": 8,
+                 "model.n_groups": 4, "model.head_dim": 8}
+
+
+@pytest.fixture(scope="session")
+def fast_training():
+    return dict(FAST_TRAINING)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_store, tmp_path_factory):  # noqa: D401
+    """A model folder trained briefly (FAST_TRAINING) on the tiny store."""
+    from synth7t.training import train
+
+    out = tmp_path_factory.mktemp("model") / "run"
+    return train(tiny_store[1], out, preset="tiny", overrides=FAST_TRAINING, progress=False)

@@ -1,0 +1,40 @@
+"""Neural networks of synth7t: the 2.5D attention residual U-net, the WGAN-GP patch critic and the losses.
+
+See ``synth7t.nn.unet`` for the architecture (thesis 2.1-2.2). Importing this package loads torch but
+neither MONAI nor deepbet (the perceptual networks are built on demand by :func:`build_perceptual`).
+"""
+
+from .blocks import AdaDM, ContextEmbedding, CrossAttention, ResBlock, SelfAttention, sinusoidal_2d
+from .config import CONTEXT_DIM, CriticConfig, UNetConfig
+from .critic import PatchCritic
+from .losses import (
+    PERCEPTUAL_KINDS,
+    DeepbetPerceptual,
+    SynthesisLoss,
+    build_perceptual,
+    critic_loss,
+    generator_adv_loss,
+    gradient_penalty,
+)
+from .unet import UNet
+
+__all__ = [
+    "CONTEXT_DIM",
+    "PERCEPTUAL_KINDS",
+    "AdaDM",
+    "ContextEmbedding",
+    "CriticConfig",
+    "CrossAttention",
+    "DeepbetPerceptual",
+    "PatchCritic",
+    "ResBlock",
+    "SelfAttention",
+    "SynthesisLoss",
+    "UNet",
+    "UNetConfig",
+    "build_perceptual",
+    "critic_loss",
+    "generator_adv_loss",
+    "gradient_penalty",
+    "sinusoidal_2d",
+]

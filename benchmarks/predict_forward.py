@@ -1,0 +1,18 @@
+"""Forward-only (inference, no grad) seconds for a batch of 4 samples of 3 x 288 x 224: synth7t vs MONAI.
+
+Same presets, reference model, subprocess isolation and options as ``train_step.py`` (see there):
+
+    python benchmarks/predict_forward.py [--quick] [--device cuda] [--monai-tuned]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(what="predict")

@@ -1,0 +1,160 @@
+"""Typed training configuration and its presets (thesis appendix tables 2 and 3).
+
+One :class:`TrainConfig` object describes a run; it is built from a preset YAML (``unc``, ``biofinder``,
+``gan``, ``tiny`` in ``synth7t/presets/`` or a user's file), overridden field by field from the command line
+(``--set model.n_res=2``), validated, and saved in the run folder as ``config.json``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from synth7t.dataset.augment import AugmentConfig
+from synth7t.errors import ConfigError
+from synth7t.nn.config import CriticConfig, UNetConfig
+
+PRESETS = ("unc", "biofinder", "gan", "tiny")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    batch_size: int = Field(16, ge=1)
+    num_workers: int = Field(2, ge=0)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class OptimConfig(_Strict):
+    """Adam and the thesis' learning-rate schedules (3.4.1).
+
+    ``schedule``: ``plateau`` (ReduceLROnPlateau on the training loss, divide by 10 after ``patience`` checks),
+    ``step`` (multiply by ``factor`` every ``every_steps`` optimizer steps), ``epoch`` (multiply by ``factor``
+    each epoch) or ``none``.
+    """
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["plateau", "step", "epoch", "none"] = "plateau"
+    factor: float = Field(0.1, gt=0, le=1)
+    every_steps: int = Field(200, ge=1)
+    patience: int = Field(5, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class LossConfig(_Strict):
+    """L1 + perceptual_weight * perceptual (+ gan_weight * adversarial for the GAN preset; thesis 2.1.6, 2.2)."""
+
+    perceptual: Literal["deepbet", "radimagenet", "none"] = "deepbet"
+    perceptual_weight: float = Field(1e-3, ge=0)
+    gan_weight: float = Field(0.2, ge=0)
+    gp_weight: float = Field(10.0, ge=0)
+    n_critic: int = Field(5, ge=1)
+    critic_lr: float = Field(2e-5, gt=0)
+    critic_betas: tuple[float, float] = (0.0, 0.9)
+
+
+class TrainerConfig(_Strict):
+    max_epochs: int = Field(10, ge=1)
+    max_steps: int = Field(-1, ge=-1)
+    max_minutes: float | None = Field(None, gt=0)
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
+    seed: int = 0
+    limit_train_batches: float | int = 1.0
+    limit_val_batches: float | int = 1.0
+    log_every_n_steps: int = Field(10, ge=1)
+    checkpoint_every_steps: int = Field(200, ge=1)
+
+
+class TrainConfig(_Strict):
+    preset: str = "custom"
+    model: UNetConfig = UNetConfig()
+    critic: CriticConfig | None = None
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @property
+    def is_gan(self) -> bool:
+        return self.critic is not None
+
+    @model_validator(mode="after")
+    def _gan_needs_weight(self) -> TrainConfig:
+        if self.critic is not None and self.loss.gan_weight == 0:
+            raise ValueError("a critic is configured but loss.gan_weight is 0")
+        return self
+
+
+def preset_dict(name_or_path: str | Path) -> dict[str, Any]:
+    """The raw dict of a packaged preset (by name) or of a YAML file."""
+    name = str(name_or_path)
+    if name in PRESETS:
+        text = resources.files("synth7t.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+        source = f"preset {name}"
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"{name}: unknown preset (known: {', '.join(PRESETS)}) and no such YAML file")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: malformed YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    data.setdefault("preset", Path(name).stem)
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``model.n_res``) to values; strings are parsed as YAML (``2``, ``[1,2]``, ``null``)."""
+    out = _deepcopy(data)
+    for key, value in overrides.items():
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"--set {key}={value}: cannot parse the value") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Preset + overrides -> validated :class:`TrainConfig`; a bad value is one :class:`ConfigError` line."""
+    data = apply_overrides(preset_dict(preset), overrides or {})
+    return validate_config(data, source=f"preset {preset}")
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            problems.append(f"{loc}: {err['msg']}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None

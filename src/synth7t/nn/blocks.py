@@ -1,0 +1,213 @@
+"""Building blocks of the U-net: AdaDM, residual block, self- and cross-attention, context embedding.
+
+Every block is written directly on ``torch.nn`` (one level of abstraction below ``unet.py``). Attention uses
+``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on CPU and CUDA) with heads of
+``head_dim`` channels, and tokens are made by a free reshape of a channels-last feature map: the narrow-head,
+per-block-recomputed attention of MONAI's ``DiffusionModelUNet`` was half of the thesis model's forward time
+(DESIGN.md, "Where the time goes").
+
+Shapes: B batch, C channels, H x W image, N = H*W image tokens, T context tokens, E context width,
+nh heads of hd channels (C = nh * hd).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "AdaDM",
+    "ContextEmbedding",
+    "CrossAttention",
+    "ResBlock",
+    "SelfAttention",
+    "sinusoidal_2d",
+]
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); a view (no copy) when ``x`` is channels-last."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def from_tokens(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W) with channels-last strides (no copy)."""
+    b, _, c = t.shape
+    return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+@lru_cache(maxsize=32)
+def _sinusoidal_2d_cpu(h: int, w: int, c: int) -> torch.Tensor:
+    d = (c // 4) * 2  # channels per axis (even: sin/cos pairs); leftover channels stay 0
+    pe = torch.zeros(h, w, c)
+    if d == 0:
+        return pe.reshape(h * w, c)
+    # PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))   (thesis 2.1.4)
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+    for axis, n in ((0, h), (1, w)):
+        ang = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (n, d/2)
+        enc = torch.stack((ang.sin(), ang.cos()), dim=-1).reshape(n, d).float()  # (n, d) interleaved
+        if axis == 0:
+            pe[:, :, :d] = enc[:, None, :]
+        else:
+            pe[:, :, d : 2 * d] = enc[None, :, :]
+    return pe.reshape(h * w, c)
+
+
+def sinusoidal_2d(
+    h: int, w: int, c: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """2-D sinusoidal positional encoding of Vaswani et al. (thesis 2.1.4), shape (H*W, C).
+
+    The first ``d = 2*(C//4)`` channels encode the row index, the next ``d`` the column index, each as
+    ``PE(pos, 2i) = sin(pos / 10000**(2i/d))``, ``PE(pos, 2i+1) = cos(pos / 10000**(2i/d))``; the
+    ``C mod 4`` channels left over are zero. Token order is row-major, matching :func:`to_tokens`.
+    """
+    if min(h, w, c) < 1:
+        raise ValueError(f"sinusoidal_2d needs positive sizes, got h={h}, w={w}, c={c}")
+    return _sinusoidal_2d_cpu(h, w, c).to(device=device, dtype=dtype)
+
+
+class AdaDM(nn.Module):
+    """Adaptive Deviation Modulator (Liu, Tang, Wu 2021; thesis 2.1.1).
+
+    ``out = h * exp(w * log(std(x) + eps) + b)`` where ``std(x)`` is the standard deviation of each sample
+    of the block input over (C, H, W), and ``w``, ``b`` are learnable scalars. It gives back to the residual
+    ``h`` (computed through group norms, which shrink feature deviation and blur edges) the deviation of the
+    input. Initialised as in the authors' code, ``w = 1, b = 0``: the residual is scaled by ``std(x)``, so a
+    block changes its input in proportion to the input's own spread.
+    """
+
+    def __init__(self, weight_init: float = 1.0, bias_init: float = 0.0, eps: float = 1e-5):
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"AdaDM eps must be > 0, got {eps}")
+        self.weight = nn.Parameter(torch.tensor(float(weight_init)))
+        self.bias = nn.Parameter(torch.tensor(float(bias_init)))
+        self.eps = eps
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Modulate ``h`` (B, C', H, W) by the deviation of ``x`` (B, C, H, W)."""
+        std = torch.std(x, dim=(1, 2, 3)).float()  # (B,)
+        scale = torch.exp(self.weight * torch.log(std + self.eps) + self.bias)  # (B,)
+        return h * scale.to(h.dtype).view(-1, 1, 1, 1)
+
+
+class ResBlock(nn.Module):
+    """Residual block of thesis figure 20: ``skip(x) + AdaDM((GN -> SiLU -> conv3x3) x 2, x)``.
+
+    ``skip`` is the identity, or a 1x1 convolution when the channel count changes; dropout (if any) sits
+    before the second convolution as in Ho et al.'s block.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, n_groups: int, dropout: float = 0.0, adadm: bool = True):
+        super().__init__()
+        if in_ch % n_groups or out_ch % n_groups:
+            raise ValueError(f"ResBlock: channels {in_ch} -> {out_ch} must be multiples of n_groups={n_groups}")
+        self.norm1 = nn.GroupNorm(n_groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(n_groups, out_ch)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.adadm = AdaDM() if adadm else None
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.adadm is not None:
+            h = self.adadm(h, x)
+        return self.skip(x) + h
+
+
+def _zero_(layer: nn.Linear) -> nn.Linear:
+    """Zero a layer's weights so that the residual branch it ends starts as the identity."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class SelfAttention(nn.Module):
+    """Bottleneck self-attention block (thesis 2.1.4, figures 26-27), a pre-norm transformer layer.
+
+    ``t = tokens(GN(x)) + PE``; ``x' = x + W_o MHA(t W_q, t W_k, t W_v)``; ``out = x' + FF(LN(x'))``, with
+    ``FF = Linear(C, 4C) -> GELU -> Linear(4C, C)``. Output projections start at zero (identity block).
+    """
+
+    def __init__(self, ch: int, n_heads: int, n_groups: int, ff_mult: int = 4):
+        super().__init__()
+        if ch % n_heads:
+            raise ValueError(f"SelfAttention: {ch} channels are not divisible by {n_heads} heads")
+        self.n_heads = n_heads
+        self.norm = nn.GroupNorm(n_groups, ch)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = _zero_(nn.Linear(ch, ch))
+        self.ff_norm = nn.LayerNorm(ch)
+        self.ff = nn.Sequential(nn.Linear(ch, ff_mult * ch), nn.GELU(), _zero_(nn.Linear(ff_mult * ch, ch)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n, nh = h * w, self.n_heads
+        t = to_tokens(self.norm(x))  # (B, N, C)
+        t = t + sinusoidal_2d(h, w, c, t.device, t.dtype)
+        q, k, v = self.qkv(t).view(b, n, 3, nh, c // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, N, hd)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hd)
+        o = o.transpose(1, 2).reshape(b, n, c)  # (B, N, C)
+        t = to_tokens(x) + self.proj(o)
+        t = t + self.ff(self.ff_norm(t))
+        return from_tokens(t, h, w)
+
+
+class ContextEmbedding(nn.Module):
+    """Covariate vector -> context tokens, computed once per forward and shared by every cross-attention.
+
+    ``tokens = LN(reshape(Linear(SiLU(Linear(c))), (T, E)))``: (B, context_dim) -> (B, T, E).
+    """
+
+    def __init__(self, context_dim: int, n_tokens: int, width: int):
+        super().__init__()
+        self.n_tokens, self.width = n_tokens, width
+        self.mlp = nn.Sequential(
+            nn.Linear(context_dim, width), nn.SiLU(), nn.Linear(width, n_tokens * width)
+        )
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        t = self.mlp(context).view(context.shape[0], self.n_tokens, self.width)  # (B, T, E)
+        return self.norm(t)
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention from image tokens to context tokens (thesis 2.1.5, figure 25).
+
+    ``q = tokens(GN(x)) W_q`` (B, nh, N, hd); ``k, v = ctx W_k, ctx W_v`` (B, nh, T, hd);
+    ``out = x + W_o softmax(q k^T / sqrt(hd)) v``. The context path (``ContextEmbedding``) is computed once
+    per forward by the U-net; here only the cheap per-block key/value projection of the T tokens happens.
+    Unlike MONAI's ``SpatialTransformer``, there is no spatial self-attention over the N tokens in this
+    block: the covariates enter through the keys/values only.
+    """
+
+    def __init__(self, ch: int, context_width: int, n_heads: int, n_groups: int):
+        super().__init__()
+        if ch % n_heads:
+            raise ValueError(f"CrossAttention: {ch} channels are not divisible by {n_heads} heads")
+        self.n_heads = n_heads
+        self.norm = nn.GroupNorm(n_groups, ch)
+        self.q = nn.Linear(ch, ch, bias=False)
+        self.kv = nn.Linear(context_width, 2 * ch)
+        self.proj = _zero_(nn.Linear(ch, ch))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        nh, t_len = self.n_heads, ctx.shape[1]
+        q = self.q(to_tokens(self.norm(x))).view(b, h * w, nh, c // nh).transpose(1, 2)  # (B, nh, N, hd)
+        k, v = self.kv(ctx).view(b, t_len, 2, nh, c // nh).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, T, hd)
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # (B, nh, N, hd)
+        o = self.proj(o.transpose(1, 2).reshape(b, h * w, c))  # (B, N, C)
+        return x + from_tokens(o, h, w)

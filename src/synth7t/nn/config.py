@@ -1,0 +1,137 @@
+"""Typed architecture settings of the U-net generator and the patch critic.
+
+Both models are rebuilt from these objects alone (they are saved in a model folder's ``config.json``), so
+every field has a default close to the thesis' U-nets (thesis appendix table 2) and every invalid
+combination is refused here with a ``ValueError`` (pydantic's ``ValidationError`` is one) that says what was
+expected, before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from synth7t.dataset.context import CONTEXT_DIM  # the covariate vector of docs/data-layout.md
+
+
+class UNetConfig(BaseModel):
+    """Architecture of the 2.5D attention residual U-net (thesis 2.1.3-2.1.5, figures 20-28, table 2).
+
+    Stages are numbered from 1 (full resolution) to ``len(channel_mult)`` (lowest resolution); stage ``i``
+    has ``channels * channel_mult[i-1]`` channels and works at ``1 / 2**(i-1)`` of the input size.
+    ``cross_attention_stages`` lists the stages that get a cross-attention block after each residual block
+    (down and up path). The thesis also writes "CA at stages (3,4,5)" for its four-stage UNC model: index
+    ``len(channel_mult) + 1`` therefore names the bottleneck, where a cross-attention block follows the
+    self-attention block.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    in_slices: int = 3
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    n_groups: int = 16
+    n_res: int = 3
+    cross_attention_stages: tuple[int, ...] = (3, 4)
+    self_attention: bool = True
+    context_dim: int = CONTEXT_DIM
+    context_tokens: int = 4
+    context_width: int = 64
+    head_dim: int = 32
+    dropout: float = 0.0
+    adadm: bool = True
+
+    @field_validator("in_slices")
+    @classmethod
+    def _odd_slices(cls, v: int) -> int:
+        if v < 1 or v % 2 == 0:
+            raise ValueError(f"in_slices must be a positive odd number (2k+1 slices around the target), got {v}")
+        return v
+
+    @field_validator("channels", "n_res", "context_dim", "context_tokens", "context_width", "head_dim", "n_groups")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
+        return v
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _mult(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) < 1 or any(m < 1 for m in v):
+            raise ValueError(f"channel_mult must be a non-empty tuple of positive integers, got {v}")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UNetConfig:
+        for stage, ch in enumerate(self.stage_channels, start=1):
+            if ch % self.n_groups:
+                raise ValueError(
+                    f"stage {stage} has channels*mult = {ch}, which is not divisible by n_groups = {self.n_groups}"
+                )
+        n_stages = len(self.channel_mult)
+        for s in self.cross_attention_stages:
+            if not 1 <= s <= n_stages + 1:
+                raise ValueError(
+                    f"cross_attention_stages entry {s} is out of range: stages are 1..{n_stages} "
+                    f"and {n_stages + 1} is the bottleneck"
+                )
+        if len(set(self.cross_attention_stages)) != len(self.cross_attention_stages):
+            raise ValueError(f"cross_attention_stages has duplicates: {self.cross_attention_stages}")
+        for s in self.attention_stages:
+            ch = self.stage_channels[min(s, n_stages) - 1]
+            if ch % self.n_heads(ch):
+                raise ValueError(f"stage {s}: {ch} channels cannot be split into heads of width {self.head_dim}")
+        return self
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        """Channels of each stage, ``channels * channel_mult[i]``."""
+        return tuple(self.channels * m for m in self.channel_mult)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Total downsampling: H and W of the input must be multiples of ``2**(len(channel_mult) - 1)``."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def attention_stages(self) -> tuple[int, ...]:
+        """Stages holding any attention block (the bottleneck is ``len(channel_mult) + 1``)."""
+        bottleneck = (len(self.channel_mult) + 1,) if self.self_attention else ()
+        return tuple(sorted(set(self.cross_attention_stages) | set(bottleneck)))
+
+    def n_heads(self, ch: int) -> int:
+        """Heads of an attention block on ``ch`` channels: ``max(1, ch // head_dim)``."""
+        return max(1, ch // self.head_dim)
+
+
+class CriticConfig(BaseModel):
+    """Patch critic of the WGAN-GP (thesis 2.2, figure 30, table 3).
+
+    ``n_layers`` stride-2 convolutions (channels ``channels * 2**i``), then one convolution to a single
+    channel: the critic maps (B, in_channels, H, W) to (B, 1, H / 2**n_layers, W / 2**n_layers).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels: int = 64
+    n_layers: int = 4
+    in_channels: int = 1
+
+    @field_validator("channels", "n_layers", "in_channels")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
+        return v
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W of the critic's input must be multiples of ``2**n_layers``."""
+        return 2**self.n_layers

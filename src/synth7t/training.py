@@ -1,0 +1,576 @@
+"""Training with Lightning: the U-net (L1 + perceptual) or the WGAN-GP variant, and the model folder.
+
+``train(store, out, preset=...)`` resolves the configuration, trains, and writes ``out`` as a self-describing
+*model folder* (``model.safetensors``, ``config.json``, ``metrics.json``, ``model_card.md``,
+``checksums.sha256``) that :mod:`synth7t.inference` reads; Lightning checkpoints (``checkpoints/``) and logs
+(``logs/``, TensorBoard and CSV) live beside it, for resuming and inspection only.
+
+Resuming (``resume=True``) restores weights, optimizer and scheduler states, the epoch and step counters from
+``checkpoints/last.ckpt`` (loaded with ``weights_only=True``). The data order of epoch ``e`` and every
+augmentation are functions of ``(seed, e, index)``, so a run resumed at an epoch boundary reaches the same
+weights as an uninterrupted one. A run killed in the middle of an epoch restarts that epoch from its first
+batch (Lightning does not restore a position inside a map-style epoch); ``trainer.checkpoint_every_steps``
+bounds what is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synth7t import __version__
+from synth7t.config import TrainConfig, load_config, validate_config
+from synth7t.errors import ConfigError, InputError
+from synth7t.io import read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = ("model.safetensors", "config.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics used for validation (2-D, on the brain)
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]  # (1, 1, size, size)
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-pixel SSIM (Wang et al. 2004; k1 0.01, k2 0.03, Gaussian window sigma 1.5) of (B, 1, H, W) images.
+
+    SSIM = (2 mu_x mu_y + c1)(2 cov_xy + c2) / ((mu_x^2 + mu_y^2 + c1)(var_x + var_y + c2)),
+    c1 = (0.01 R)^2, c2 = (0.03 R)^2, moments taken under the Gaussian window.
+    """
+    w = gaussian_window(device=x.device).to(x.dtype)
+    pad = w.shape[-1] // 2
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(t, (pad,) * 4, mode="reflect"), w)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """Wraps a SliceDataset so that index ``e * N + i`` is sample ``i`` augmented as in epoch ``e``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.dataset)
+        self.dataset.set_epoch(index // n)
+        return self.dataset[index % n]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles with a generator seeded by ``(seed, epoch)``; yields ``epoch * N + i`` (see EpochIndexed)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of each epoch
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = np.arange(self.n)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        return iter((order + self.epoch * self.n).tolist())
+
+
+def _collate(batch: list[dict]) -> dict:
+    out = {}
+    for key in batch[0]:
+        vals = [b[key] for b in batch]
+        if isinstance(vals[0], np.ndarray):
+            out[key] = torch.from_numpy(np.stack(vals))
+        elif isinstance(vals[0], (int, np.integer)):
+            out[key] = torch.tensor(vals)
+        else:
+            out[key] = vals
+    return out
+
+
+def make_loaders(store, cfg: TrainConfig, seed: int):
+    from synth7t.dataset.augment import Augmenter
+    from synth7t.dataset.slices import SliceDataset
+
+    augment = Augmenter(cfg.data.augment, seed=seed) if cfg.data.augment.any_enabled else None
+    train_ds = SliceDataset(store, "train", n_slices=cfg.model.in_slices, augment=augment, seed=seed)
+    val_ds = SliceDataset(store, "val", n_slices=cfg.model.in_slices, augment=None, seed=seed)
+    if len(train_ds) == 0:
+        raise InputError(f"{store.root}: the train split has no slices")
+    workers = cfg.data.num_workers
+    common = dict(batch_size=cfg.data.batch_size, num_workers=workers, collate_fn=_collate,
+                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    train = torch.utils.data.DataLoader(EpochIndexed(train_ds), sampler=EpochSampler(len(train_ds), seed),
+                                        drop_last=len(train_ds) > cfg.data.batch_size, **common)
+    val = None
+    if len(val_ds):
+        val = torch.utils.data.DataLoader(EpochIndexed(val_ds), sampler=EpochSampler(len(val_ds), seed, False),
+                                          **common)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the LightningModule
+
+
+def _lightning_module_class():
+    import lightning.pytorch as pl
+
+    class Synth7tModule(pl.LightningModule):
+        """Generator (U-net) training; with ``cfg.critic`` the WGAN-GP variant (manual optimization)."""
+
+        def __init__(self, config: dict[str, Any]):
+            super().__init__()
+            from synth7t.nn import UNet
+
+            self.save_hyperparameters({"config": config})
+            self.cfg = validate_config(config)
+            self.generator = UNet(self.cfg.model)
+            self.critic = None
+            if self.cfg.is_gan:
+                from synth7t.nn import PatchCritic
+
+                self.critic = PatchCritic(self.cfg.critic)
+                self.automatic_optimization = False
+            self.perceptual = None  # built in setup(): frozen, not part of the state dict
+            self._val = []
+
+        # -- losses ------------------------------------------------------------------------------------
+        def setup(self, stage: str) -> None:
+            from synth7t.nn.losses import build_perceptual
+
+            if self.perceptual is None and self.cfg.loss.perceptual != "none" and self.cfg.loss.perceptual_weight > 0:
+                self.perceptual = build_perceptual(self.cfg.loss.perceptual, self.device)
+                object.__setattr__(self, "_perceptual_module", self.perceptual)
+
+        def state_dict(self, *args, **kwargs):
+            sd = super().state_dict(*args, **kwargs)
+            return {k: v for k, v in sd.items() if not k.startswith("perceptual.")}
+
+        def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+            return super().load_state_dict(state_dict, strict=False, **kwargs)
+
+        def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+            return self.generator(x, context)
+
+        def synthesis_loss(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+            """L1 + lambda_perc * perceptual (thesis 2.1.6)."""
+            parts = {"l1": F.l1_loss(pred, target)}
+            total = parts["l1"]
+            if self.perceptual is not None:
+                parts["perceptual"] = self.perceptual(pred.float(), target.float())
+                total = total + self.cfg.loss.perceptual_weight * parts["perceptual"]
+            parts["loss"] = total
+            return parts
+
+        # -- training ----------------------------------------------------------------------------------
+        def training_step(self, batch: dict, batch_idx: int):
+            if self.critic is not None:
+                return self._gan_step(batch, batch_idx)
+            pred = self(batch["input"], batch["context"])
+            parts = self.synthesis_loss(pred, batch["target"])
+            self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=True, on_step=True,
+                          on_epoch=False, batch_size=pred.shape[0])
+            return parts["loss"]
+
+        def _gan_step(self, batch: dict, batch_idx: int):
+            """WGAN-GP (Gulrajani et al. 2017): one critic update per batch, a generator update every n_critic."""
+            from synth7t.nn.losses import critic_loss, generator_adv_loss, gradient_penalty
+
+            opt_g, opt_d = self.optimizers()
+            real = batch["target"]
+            with torch.no_grad():
+                fake = self(batch["input"], batch["context"])
+            gp = gradient_penalty(self.critic, real, fake.detach())
+            d_loss, wasserstein = critic_loss(self.critic(real), self.critic(fake.detach()), gp,
+                                              gp_weight=self.cfg.loss.gp_weight)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            opt_d.step()
+            logs = {"train/critic_loss": d_loss.detach(), "train/wasserstein": wasserstein.detach(),
+                    "train/gp": gp.detach()}
+            if (batch_idx + 1) % self.cfg.loss.n_critic == 0:
+                pred = self(batch["input"], batch["context"])
+                parts = self.synthesis_loss(pred, real)
+                adv = generator_adv_loss(self.critic(pred))
+                g_loss = parts["loss"] + self.cfg.loss.gan_weight * adv
+                opt_g.zero_grad(set_to_none=True)
+                self.manual_backward(g_loss)
+                if self.cfg.optim.grad_clip:
+                    self.clip_gradients(opt_g, gradient_clip_val=self.cfg.optim.grad_clip,
+                                        gradient_clip_algorithm="norm")
+                opt_g.step()
+                self._step_schedulers(g_loss)
+                logs.update({f"train/{k}": v.detach() for k, v in parts.items()})
+                logs["train/adversarial"] = adv.detach()
+            self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=real.shape[0])
+
+        def _step_schedulers(self, loss: torch.Tensor) -> None:
+            sched = self.lr_schedulers()
+            if sched is None or self.cfg.optim.schedule == "epoch":
+                return
+            sched = sched[0] if isinstance(sched, list) else sched
+            if self.cfg.optim.schedule == "plateau":
+                sched.step(loss.detach())
+            else:
+                sched.step()
+
+        def on_train_epoch_end(self) -> None:
+            if self.critic is not None and self.cfg.optim.schedule == "epoch":
+                sched = self.lr_schedulers()
+                (sched[0] if isinstance(sched, list) else sched).step()
+
+        # -- validation --------------------------------------------------------------------------------
+        def validation_step(self, batch: dict, batch_idx: int) -> None:
+            pred = self(batch["input"], batch["context"]).float().clamp(0, 1)
+            target, mask = batch["target"].float(), batch["mask"].float()
+            se = ((pred - target) ** 2 * mask).sum()
+            ssim = (ssim_map(pred, target) * mask).sum()
+            l1 = F.l1_loss(pred, target)
+            self._val.append(torch.stack([se.detach(), ssim.detach(), mask.sum(), l1.detach() * pred.shape[0],
+                                          torch.tensor(float(pred.shape[0]), device=pred.device)]))
+
+        def on_validation_epoch_end(self) -> None:
+            if not self._val:
+                return
+            tot = torch.stack(self._val).sum(0)
+            if self.trainer.world_size > 1:
+                tot = self.all_gather(tot).sum(0)
+            self._val.clear()
+            n_vox = tot[2].clamp_min(1)
+            mse = tot[0] / n_vox
+            psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-12))  # range R = 1: targets are clipped min-max
+            self.log_dict({"val/psnr_brain": psnr, "val/ssim_brain": tot[1] / n_vox, "val/l1": tot[3] / tot[4]},
+                          prog_bar=True, sync_dist=False)
+
+        # -- optimizers --------------------------------------------------------------------------------
+        def configure_optimizers(self):
+            o = self.cfg.optim
+            opt_g = torch.optim.Adam(self.generator.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+            sched = _scheduler(opt_g, o)
+            if self.critic is None:
+                if sched is None:
+                    return opt_g
+                interval = "epoch" if o.schedule == "epoch" else "step"
+                cfg = {"scheduler": sched, "interval": interval}
+                if o.schedule == "plateau":
+                    cfg.update(monitor="train/loss", interval="step", frequency=max(1, o.every_steps // 10))
+                return {"optimizer": opt_g, "lr_scheduler": cfg}
+            opt_d = torch.optim.Adam(self.critic.parameters(), lr=self.cfg.loss.critic_lr,
+                                     betas=self.cfg.loss.critic_betas)
+            return ([opt_g, opt_d], [sched] if sched is not None else [])
+
+    return Synth7tModule
+
+
+def _scheduler(opt, o):
+    if o.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=o.factor, patience=o.patience)
+    if o.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=o.every_steps, gamma=o.factor)
+    if o.schedule == "epoch":
+        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=o.factor)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# devices and precision
+
+
+def resolve_accelerator(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu`` (decided at run time, never at import)."""
+    if device not in ("auto", "cpu", "cuda", "gpu"):
+        raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    return "cuda" if device == "gpu" else device
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16 mixed precision on a GPU that supports it, fp32 elsewhere."""
+    if precision != "auto":
+        return "32-true" if precision == "32" else precision
+    if accelerator == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train()
+
+
+def train(
+    store: str | Path,
+    out: str | Path,
+    *,
+    preset: str | Path = "tiny",
+    overrides: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    progress: bool = True,
+    extra_callbacks: list | None = None,
+    data_notes: dict | None = None,
+) -> Path:
+    """Train a model on a slice store and write the model folder ``out``; returns ``out``.
+
+    ``config`` (a resolved :class:`TrainConfig`) takes precedence over ``preset`` + ``overrides``. ``data_notes``
+    (e.g. ``{"simulated": True}``) are added to the model folder's description of its training data. With
+    ``resume``, the configuration saved in ``out`` is used and training continues from the last checkpoint.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from synth7t.dataset.slices import SliceStore
+
+    out = Path(out)
+    store_obj = SliceStore(store)
+    cfg = _resolve_config(out, preset, overrides, config, resume)
+    _check_store_fits(store_obj, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "train_config.json", cfg.model_dump(mode="json"))
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    accelerator = resolve_accelerator(device)
+    precision = resolve_precision(cfg.trainer.precision, accelerator)
+    train_loader, val_loader = make_loaders(store_obj, cfg, cfg.trainer.seed)
+    module = _lightning_module_class()(cfg.model_dump(mode="json"))
+    ckpt_dir = out / "checkpoints"
+    monitor = {"monitor": "val/psnr_brain", "mode": "max"} if val_loader is not None else {}
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", save_top_k=1 if monitor else 0, **monitor)
+    # last.ckpt (for resuming) is refreshed at every epoch end and every `checkpoint_every_steps` steps
+    per_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch", every_n_epochs=1, save_top_k=1, save_last=True,
+                                enable_version_counter=False)
+    per_steps = ModelCheckpoint(dirpath=ckpt_dir, filename="step",
+                                every_n_train_steps=cfg.trainer.checkpoint_every_steps, save_top_k=1, save_last=True,
+                                enable_version_counter=False)
+    callbacks = [best, per_epoch, per_steps, LearningRateMonitor(logging_interval="step"), *(extra_callbacks or [])]
+    trainer = pl.Trainer(
+        default_root_dir=out, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+        strategy="ddp" if (str(devices) not in ("1", "auto") or num_nodes > 1) else "auto",
+        precision=precision, max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
+        max_time={"minutes": cfg.trainer.max_minutes} if cfg.trainer.max_minutes else None,
+        gradient_clip_val=cfg.optim.grad_clip if not cfg.is_gan else None,
+        limit_train_batches=cfg.trainer.limit_train_batches, limit_val_batches=cfg.trainer.limit_val_batches,
+        log_every_n_steps=cfg.trainer.log_every_n_steps, callbacks=callbacks, enable_progress_bar=progress,
+        logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
+        enable_model_summary=False, deterministic="warn", num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+    )
+    ckpt_path = _resume_checkpoint(ckpt_dir, resume)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    elapsed = time.perf_counter() - t0
+    if trainer.global_rank != 0:
+        return out
+    weights_from = best.best_model_path if best.best_model_path else None
+    return write_model_folder(out, module, cfg, store_obj, trainer, elapsed, weights_from, data_notes or {})
+
+
+def _resolve_config(out: Path, preset, overrides, config, resume: bool) -> TrainConfig:
+    saved = out / "train_config.json"
+    if resume:
+        if not saved.exists():
+            raise InputError(f"{out}: nothing to resume (no train_config.json); drop --resume to start a run")
+        if overrides:
+            raise ConfigError("--resume continues the saved configuration; --set overrides are not allowed with it")
+        return validate_config(read_json(saved), source=str(saved))
+    if (out / "checkpoints" / "last.ckpt").exists():
+        raise InputError(f"{out}: holds a run already; use --resume to continue it or choose another --out")
+    return config if config is not None else load_config(preset, overrides)
+
+
+def _resume_checkpoint(ckpt_dir: Path, resume: bool) -> str | None:
+    if not resume:
+        return None
+    last = ckpt_dir / "last.ckpt"
+    if not last.exists():
+        log.warning("%s: no checkpoint yet; starting from the beginning", ckpt_dir)
+        return None
+    return str(last)
+
+
+def _check_store_fits(store, cfg: TrainConfig) -> None:
+    h, w = store.hw
+    f = cfg.model.downsample_factor
+    if h % f or w % f:
+        raise ConfigError(f"{store.root}: slices of {h}x{w} are not divisible by {f} (2^downsamplings of the model); "
+                          f"repack with --multiple {f}")
+    if cfg.critic is not None and (h % cfg.critic.downsample_factor or w % cfg.critic.downsample_factor):
+        raise ConfigError(f"{store.root}: slices of {h}x{w} are not divisible by the critic's "
+                          f"{cfg.critic.downsample_factor}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model folder
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def generator_state(module_or_ckpt: Any) -> dict[str, torch.Tensor]:
+    """The generator's weights, from a module or a checkpoint file (loaded with ``weights_only=True``)."""
+    if isinstance(module_or_ckpt, (str, Path)):
+        ckpt = torch.load(module_or_ckpt, map_location="cpu", weights_only=True)
+        sd = ckpt["state_dict"]
+    else:
+        sd = module_or_ckpt.state_dict()
+    return {k[len("generator."):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith("generator.")}
+
+
+def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elapsed: float,
+                       weights_from: str | None, data_notes: dict) -> Path:
+    """Write model.safetensors, config.json, metrics.json, model_card.md and checksums.sha256 into ``out``."""
+    from safetensors.torch import save_file
+
+    from synth7t.io import atomic_path
+
+    state = generator_state(weights_from) if weights_from else generator_state(module)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "synth7t", "version": __version__})
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics.update(epochs=int(trainer.current_epoch), steps=int(trainer.global_step), train_seconds=round(elapsed, 1),
+                   weights="best" if weights_from else "last")
+    write_json(out / "metrics.json", metrics)
+    config = model_config(cfg, store, module)
+    config["training_data"].update(data_notes)
+    write_json(out / "config.json", config)
+    write_text(out / "model_card.md", model_card(cfg, config, metrics))
+    files = [*MODEL_FILES, "metrics.json", "model_card.md"]
+    write_text(out / "checksums.sha256", "".join(f"{_sha256(out / f)}  {f}\n" for f in files))
+    log.info("model folder written: %s", out)
+    return out
+
+
+def model_config(cfg: TrainConfig, store, module) -> dict:
+    """What inference needs, and nothing it must guess: architecture, slices, grid, normalization, context."""
+    s = store.meta
+    return {
+        "format": "synth7t-model",
+        "synth7t_version": __version__,
+        "preset": cfg.preset,
+        "architecture": "attention residual U-net (2.5D)",
+        "model": cfg.model.model_dump(mode="json"),
+        "n_slices": cfg.model.in_slices,
+        "slice_axis": "axial (canonical RAS+ axis 2)",
+        "voxel_size_mm": store_voxel_size(store),
+        "multiple": cfg.model.downsample_factor,
+        "normalization": s.get("normalization", {"method": "clipped-minmax", "lower_pct": 1.0, "upper_pct": 99.0}),
+        "context": s.get("context", {"dim": cfg.model.context_dim}),
+        "preprocessing": s.get("preprocessing", {}),
+        "perceptual": cfg.loss.perceptual if cfg.loss.perceptual_weight > 0 else "none",
+        "gan": cfg.is_gan,
+        "training_data": {"store": str(Path(store.root).resolve().name),
+                          "n_train": len(store.split_subjects("train")), "n_val": len(store.split_subjects("val")),
+                          "n_test": len(store.split_subjects("test")), "simulated": bool(s.get("simulated", False))},
+        "parameters": int(sum(p.numel() for p in module.generator.parameters())),
+        "train_config": cfg.model_dump(mode="json"),
+    }
+
+
+def store_voxel_size(store) -> list[float]:
+    """Voxel size (mm) of the store's training grid, from its first training subject's affine."""
+    subjects = store.split_subjects("train") or store.subjects
+    affine = np.asarray(store.info(subjects[0]).get("affine", np.diag([0.65, 0.65, 0.65, 1.0])), float)
+    return [round(float(z), 4) for z in np.sqrt((affine[:3, :3] ** 2).sum(0))]
+
+
+def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
+    """A short human-readable card: what the model is, what it was trained on, what it is not for."""
+    t = d["training_data"]
+    sim = " The training data were SIMULATED (synth7t demo); this model is for trying the tool only." if t[
+        "simulated"] else ""
+    val = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val/")) or "no validation split"
+    return (
+        f"# synth7t model ({cfg.preset})\n\n"
+        f"Turns 3T T1-weighted brain MRI into a synthetic 7T-like image at {d['voxel_size_mm']} mm.\n\n"
+        f"- Architecture: 2.5D attention residual U-net, {cfg.model.in_slices} input slices, channels "
+        f"{cfg.model.stage_channels}, {'WGAN-GP critic' if cfg.is_gan else 'no critic'}.\n"
+        f"- Loss: L1 + {cfg.loss.perceptual_weight:g} x perceptual ({d['perceptual']}).\n"
+        f"- Training data: {t['n_train']} training / {t['n_val']} validation / {t['n_test']} test subjects.{sim}\n"
+        f"- Training: {metrics.get('epochs', '?')} epochs, {metrics.get('steps', '?')} steps, "
+        f"{metrics.get('train_seconds', '?')} s; {d['parameters']:,} parameters.\n- Validation: {val}.\n\n"
+        "## Intended use\nResearch on brain MRI: producing 7T-like images from 3T scans for visualisation and for\n"
+        "downstream analyses whose sensitivity to synthetic data has been checked. Outputs are estimates learnt\n"
+        "from paired data; they can miss or invent detail, especially for anatomy unlike the training cohort\n"
+        "(lesions, other scanners, children).\n\n**Not a clinical device. Not for diagnosis or treatment decisions.**\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading a model folder
+
+
+def verify_model_folder(model_dir: str | Path) -> dict:
+    """Check a model folder's files and checksums; return its config. One-line InputError on any problem."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise InputError(f"{d}: model folder not found")
+    for name in (*MODEL_FILES, "checksums.sha256"):
+        if not (d / name).is_file():
+            raise InputError(f"{d}: not a synth7t model folder ({name} is missing)")
+    for line in (d / "checksums.sha256").read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        f = d / name.strip()
+        if not f.is_file():
+            raise InputError(f"{d}: {name.strip()} listed in checksums.sha256 is missing")
+        if _sha256(f) != digest:
+            raise InputError(f"{f}: checksum mismatch (file changed or corrupt)")
+    cfg = read_json(d / "config.json")
+    if cfg.get("format") != "synth7t-model" or "model" not in cfg:
+        raise InputError(f"{d / 'config.json'}: not a synth7t model config")
+    return cfg
+
+
+def load_generator(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the U-net from a model folder (config.json + model.safetensors); returns (model, config)."""
+    from safetensors.torch import load_file
+
+    from synth7t.nn import UNet
+    from synth7t.nn.config import UNetConfig
+
+    cfg = verify_model_folder(model_dir)
+    try:
+        net = UNet(UNetConfig.model_validate(cfg["model"]))
+        net.load_state_dict(load_file(str(Path(model_dir) / "model.safetensors"), device="cpu"))
+    except Exception as exc:  # a config/weights mismatch is a broken model folder, not a bug
+        raise InputError(f"{model_dir}: weights do not match config.json ({str(exc).splitlines()[0]})") from None
+    return net.to(device).eval(), cfg

@@ -1,0 +1,47 @@
+"""PatchCritic: shape, no sigmoid, no batch norm, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from synth7t.nn import CriticConfig, PatchCritic
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP barrier stalls when the machine's cores are oversubscribed."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_output_shape_and_unbounded_scores():
+    torch.manual_seed(0)
+    critic = PatchCritic(CriticConfig(channels=8, n_layers=3))
+    x = torch.rand(2, 1, 32, 48) * 50 - 25
+    with torch.no_grad():
+        critic.net[-1].bias.fill_(3.0)
+    y = critic(x)
+    assert y.shape == (2, 1, 4, 6)
+    assert y.max() > 1.0  # no sigmoid: scores outside [0, 1]
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in critic.modules())
+    assert not any(isinstance(m, torch.nn.Sigmoid) for m in critic.modules())
+
+
+def test_channels_double_per_layer():
+    critic = PatchCritic(CriticConfig(channels=4, n_layers=3, in_channels=2))
+    convs = [m for m in critic.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 16, 1]
+    assert convs[0].in_channels == 2 and convs[0].kernel_size == (4, 4) and convs[0].stride == (2, 2)
+
+
+def test_input_checks():
+    critic = PatchCritic(CriticConfig(channels=4, n_layers=2))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        critic(torch.rand(1, 1, 10, 8))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        critic(torch.rand(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="CriticConfig"):
+        PatchCritic(None)
