@@ -121,13 +121,15 @@ def preprocess(
     bids_3t: Annotated[str, typer.Option(help="Entity value of 3T scans.")] = "3T",
     bids_7t: Annotated[str, typer.Option(help="Entity value of 7T scans.")] = "7T",
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects processed in parallel.")] = 1,
-    shard: Annotated[str | None, typer.Option(help="K/N: process only the K-th of N subsets (SLURM arrays).")] = None,
+    shard: Annotated[str | None, typer.Option(help="K/N: process only the K-th (1..N) of N subsets (SLURM arrays: "
+                                              "--shard $((SLURM_ARRAY_TASK_ID+1))/N).")] = None,
     skullstrip: Annotated[str, typer.Option(help="deepbet (offline, default) or synthstrip (FreeSurfer).")] = "deepbet",
     t3_already_corrected: Annotated[bool, typer.Option(help="Skip N4 on the 3T scans.")] = False,
-    preset: Annotated[str, typer.Option(help="N4 settings: thesis (7T: FWHM 0.18, Wiener 0.1, 150x4, shrink 4) "
-                                        "or demo (fewer iterations).")] = "thesis",
+    preset: Annotated[str, typer.Option(help="thesis (7T N4: FWHM 0.18, Wiener 0.1, 150x4 iterations, shrink 4; "
+                                        "SyN) or demo (fewer N4 and SyN iterations).")] = "thesis",
     key_file: Annotated[Path | None, typer.Option(help="Secret key for pseudonyms (created if absent).")] = None,
-    mapping: Annotated[Path | None, typer.Option(help="Private CSV to write subject -> pseudonym into.")] = None,
+    mapping: Annotated[Path | None, typer.Option(
+        help="Private JSON file to write subject ID -> pseudonym into (outside OUT).")] = None,
     keep_head: Annotated[Path | None, typer.Option(help="Also keep full-head images, in this PRIVATE folder.")] = None,
 ) -> None:
     """Bias-correct, skull-strip, coregister and QC each 3T/7T pair of a cohort (resumable, parallel)."""
@@ -136,12 +138,21 @@ def preprocess(
     match = BidsMatch(entity=bids_entity, t3=bids_3t, t7=bids_7t) if bids else None
     subjects = load_cohort(manifest, bids=match)
     shard_kn = _parse_shard(shard)
-    from synth7t.preprocess.pipeline import PreprocessConfig, preprocess_cohort
+    if preset not in ("thesis", "demo"):
+        from synth7t.errors import ConfigError
 
-    cfg = PreprocessConfig.from_cli(skullstrip=skullstrip, t3_already_corrected=t3_already_corrected, preset=preset)
-    result = preprocess_cohort(subjects, out, cfg, jobs=jobs, shard=shard_kn, key_file=key_file,
-                               mapping_file=mapping, head_dir=keep_head)
-    typer.echo(result.summary())
+        raise ConfigError(f"--preset {preset!r}: expected thesis or demo")
+    from synth7t.preprocess.pipeline import preprocess as preprocess_fn
+
+    if keep_head is not None and mapping is None:
+        log.info("full heads go to the private folder %s", keep_head)
+    result = preprocess_fn(subjects, out, jobs=jobs, shard=shard_kn, skullstrip=skullstrip,
+                           t3_already_corrected=t3_already_corrected, fast=preset == "demo", key_file=key_file,
+                           mapping_file=mapping, keep_head=keep_head is not None, private_dir=keep_head)
+    typer.echo(f"preprocessed {len(result.done)}, skipped {len(result.skipped)} (already done), "
+               f"rejected by QC {len(result.rejected)}, failed {len(result.failed)} -> {out}")
+    for sid, reason in result.failed.items():
+        typer.echo(f"  failed: {sid}: {reason}", err=True)
     if result.failed:
         raise typer.Exit(code=1)
 
@@ -157,7 +168,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
         raise ConfigError(f"--shard {value!r}: expected K/N, e.g. 1/4") from None
     if not 1 <= k <= n:
         raise ConfigError(f"--shard {value!r}: need 1 <= K <= N")
-    return k, n
+    return k - 1, n  # the pipeline counts shards from 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,7 +232,7 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="3T scans (files), folders of scans, or a manifest CSV/TSV.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one file or folder per input).")],
     preprocessed: Annotated[bool, typer.Option(help="Inputs are bias-corrected, skull-stripped brains.")] = False,
-    age: Annotated[float | None, typer.Option(help="Age in years (all inputs; a manifest gives per-scan ages).")] = None,
+    age: Annotated[float | None, typer.Option(help="Age in years (for all inputs; a manifest gives its own).")] = None,
     sex: Annotated[str | None, typer.Option(help="F or M.")] = None,
     diagnosis: Annotated[str | None, typer.Option(help="normal, scd, mci, dementia (or healthy/ill).")] = None,
     tta: Annotated[bool, typer.Option(help="Flip test-time augmentation + an uncertainty map.")] = False,

@@ -1,0 +1,367 @@
+"""Prediction: a raw 3T T1w scan in, a synthetic 7T brain out, in the scan's own world space.
+
+For each input (:func:`predict_volume`):
+
+1. load and validate, reorient to canonical RAS+ (an axis permutation: no resampling);
+2. unless ``preprocessed``: N4 with the ``3t`` preset, then skull stripping (the model folder says which
+   method its training used; deepbet by default); a preprocessed input's brain mask is its non-zero voxels;
+3. resample the brain to the model's voxel size (0.65 mm by default) *in the scan's own canonical frame*
+   (linear for the image, nearest neighbour for the mask): no template, no 7T needed;
+4. crop to the brain box, pad in-plane to a multiple of the model's down-sampling factor, clipped min-max
+   normalization with the model's percentiles;
+5. slice-wise 2.5D inference in batches (axial slices, covariates in the context vector), optionally with
+   left-right flip test-time augmentation (mean; the per-voxel standard deviation across the flips is written
+   as an uncertainty map);
+6. reassembly, inverse crop/pad, masking to the brain.
+
+Outputs (per input, in ``OUT/<name>/``): ``syn7t.nii.gz`` (float32, model units [0, 1] = the input brain's
+clipped 1st-99th percentile range, or the input's intensity units with ``rescale``), ``mask.nii.gz``,
+``uncertainty.nii.gz`` (with ``tta``), ``syn7t_on_input_grid.nii.gz`` (with ``resample_to_input``) and
+``provenance.json``. Every output volume's affine is that of the resampled canonical grid, which covers the
+same world space as the input: the output overlays the input in any viewer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synth7t import __version__
+from synth7t.errors import InputError, Synth7tError
+from synth7t.io import Volume, is_nifti_path, load_volume, save_volume, to_canonical, write_json
+
+log = logging.getLogger(__name__)
+OUTPUT_NAME = "syn7t.nii.gz"
+
+
+@dataclass
+class PredictOptions:
+    preprocessed: bool = False
+    age: float | None = None
+    sex: str | None = None
+    diagnosis: str | None = None
+    tta: bool = False
+    rescale: bool = False
+    resample_to_input: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    batch_size: int | None = None
+    precision: str = "auto"  # auto (bf16 on a GPU that supports it, fp32 on CPU), 32 or bf16
+    skullstrip: str | None = None  # None: what the model's training used
+
+
+@dataclass
+class PredictResult:
+    done: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"predicted {len(self.done)}, skipped {len(self.skipped)} (outputs exist), failed {len(self.failed)}"]
+        lines += [f"  failed: {k}: {v}" for k, v in self.failed.items()]
+        return "\n".join(lines)
+
+
+@dataclass
+class Job:
+    path: Path
+    name: str
+    age: float | None = None
+    sex: str | None = None
+    diagnosis: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model
+
+
+class Predictor:
+    """A loaded model on a device, with its configuration; turns a normalized stack into a prediction."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", precision: str = "auto"):
+        from synth7t.training import load_generator, resolve_accelerator
+
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(resolve_accelerator(device))
+        self.net, self.config = load_generator(model_dir, self.device)
+        if self.device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.dtype = self._dtype(precision)
+        self.n_slices = int(self.config["n_slices"])
+        self.multiple = int(self.config.get("multiple", 2 ** (len(self.config["model"]["channel_mult"]) - 1)))
+        norm = self.config.get("normalization", {})
+        self.lower_pct = float(norm.get("lower_pct", 1.0))
+        self.upper_pct = float(norm.get("upper_pct", 99.0))
+        self.voxel_mm = tuple(float(v) for v in np.broadcast_to(self.config.get("voxel_size_mm", 0.65), (3,)))
+        self.checksum = hashlib.sha256((self.model_dir / "model.safetensors").read_bytes()).hexdigest()
+
+    def _dtype(self, precision: str) -> torch.dtype | None:
+        if precision not in ("auto", "32", "bf16"):
+            raise InputError(f"precision {precision!r}: expected auto, 32 or bf16")
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return None
+
+    def batch_size(self, hw: tuple[int, int], requested: int | None) -> int:
+        """Slices per forward pass: ``requested``, or what fits in a quarter of the free memory.
+
+        Activation memory per slice is estimated as 4 bytes x H x W x (sum over stages of channels / 4^stage)
+        x 12 (tensors kept per residual block in eval mode, measured order of magnitude).
+        """
+        if requested:
+            return int(requested)
+        ch = self.config["model"]["channels"]
+        mult = self.config["model"]["channel_mult"]
+        per_slice = 4 * hw[0] * hw[1] * sum(ch * m / 4**i for i, m in enumerate(mult)) * 12
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = _available_ram()
+        return int(np.clip(free * 0.25 // max(per_slice, 1), 1, 32))
+
+    @torch.inference_mode()
+    def predict_stack(self, stack: np.ndarray, *, age=None, sex=None, group=None, batch_size: int | None = None,
+                      tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(Z, H, W) normalized 3T stack -> (prediction (Z, H, W), uncertainty or None), float32 [0, 1]."""
+        from synth7t.dataset.slices import VolumeSlices
+
+        bs = self.batch_size(stack.shape[1:], batch_size)
+        while True:
+            try:
+                flips = [False, True] if tta else [False]
+                outs = [self._run(stack, VolumeSlices, bs, age, sex, group, flip) for flip in flips]
+                break
+            except torch.OutOfMemoryError:
+                if bs == 1:
+                    raise
+                bs = max(1, bs // 2)
+                log.warning("out of memory: retrying with %d slices per batch", bs)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if len(outs) == 1:
+            return outs[0], None
+        arr = np.stack(outs)
+        return arr.mean(0), arr.std(0)
+
+    def _run(self, stack, volume_slices, bs, age, sex, group, flip: bool) -> np.ndarray:
+        src = stack[:, ::-1, :] if flip else stack  # flip along H = the R-L axis of the canonical grid
+        out = np.zeros(stack.shape, np.float32)
+        for batch in volume_slices(np.ascontiguousarray(src), self.n_slices, batch_size=bs, age=age, sex=sex,
+                                   group=group):
+            x = torch.from_numpy(batch["input"]).to(self.device)
+            c = torch.from_numpy(batch["context"]).to(self.device)
+            if self.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                y = self.net(x, c)
+            out[batch["slice"]] = y[:, 0].float().clamp(0, 1).cpu().numpy()
+        return out[:, ::-1, :].copy() if flip else out
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one volume
+
+
+def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skullstrip: str) -> dict:
+    """Canonical 3T volume -> brain on the model's grid, its mask, the crop geometry and the normalized stack."""
+    from synth7t.dataset.pack import clipped_minmax, crop_box, crop_pad
+    from synth7t.preprocess.register import resample_to
+
+    timings = {}
+    t0 = time.perf_counter()
+    if preprocessed:
+        from synth7t.preprocess.skullstrip import clean_mask
+
+        brain = vol
+        mask = vol.with_data(clean_mask(vol.data > 0).astype(np.float32))
+    else:
+        from synth7t.preprocess.bias import n4
+        from synth7t.preprocess.skullstrip import strip
+
+        corrected = n4(vol, "3t")
+        timings["n4"] = time.perf_counter() - t0
+        mask, _ = strip(corrected, skullstrip)
+        brain = corrected.with_data(corrected.data * (mask.data > 0))
+        timings["skullstrip"] = time.perf_counter() - t0 - timings["n4"]
+    t1 = time.perf_counter()
+    brain_r = resample_to(brain, predictor.voxel_mm, order=1)
+    mask_r = resample_to(mask, (brain_r.shape, brain_r.affine), order=0)
+    m = mask_r.data > 0
+    if not m.any():
+        raise InputError(f"{vol.source}: no brain left after resampling to {predictor.voxel_mm} mm")
+    box = crop_box(m)
+    stack, geom = crop_pad(brain_r.data, box, None, predictor.multiple)  # (Z, H, W)
+    mstack, _ = crop_pad(m.astype(np.uint8), box, None, predictor.multiple)
+    normed, limits = clipped_minmax(stack, mstack, predictor.lower_pct, predictor.upper_pct)
+    timings["resample_crop_normalize"] = time.perf_counter() - t1
+    return {"brain": brain_r, "mask": mask_r.with_data(m.astype(np.float32)), "geometry": geom, "stack": normed,
+            "mask_stack": mstack, "limits": limits, "timings": timings}
+
+
+def predict_volume(predictor: Predictor, vol: Volume, opts: PredictOptions, *, covariates: dict | None = None) -> dict:
+    """Predict one loaded scan; returns Volumes ``syn7t``, ``mask`` (and ``uncertainty``) plus bookkeeping."""
+    from synth7t.dataset.pack import denormalize, uncrop
+    from synth7t.manifest import diagnosis_group
+
+    cov = covariates or {}
+    canonical, info = to_canonical(vol)
+    method = opts.skullstrip or predictor.config.get("preprocessing", {}).get("skullstrip", "deepbet")
+    prep = prepare_input(canonical, predictor, preprocessed=opts.preprocessed, skullstrip=method)
+    t0 = time.perf_counter()
+    pred, unc = predictor.predict_stack(prep["stack"], age=cov.get("age"), sex=cov.get("sex"),
+                                        group=diagnosis_group(cov.get("diagnosis")), batch_size=opts.batch_size,
+                                        tta=opts.tta)
+    prep["timings"]["network"] = time.perf_counter() - t0
+    pred = pred * (prep["mask_stack"] > 0)
+    if opts.rescale:
+        pred = np.where(prep["mask_stack"] > 0, denormalize(pred, prep["limits"]), 0.0)
+    grid = prep["brain"]
+    out = {"syn7t": grid.with_data(uncrop(pred.astype(np.float32), prep["geometry"])), "mask": prep["mask"],
+           "limits": prep["limits"], "timings": prep["timings"], "reorientation": info, "canonical": canonical}
+    if unc is not None:
+        out["uncertainty"] = grid.with_data(uncrop((unc * (prep["mask_stack"] > 0)).astype(np.float32),
+                                                   prep["geometry"]))
+    return out
+
+
+def on_input_grid(pred: Volume, canonical: Volume, info) -> Volume:
+    """The prediction resampled (linear) onto the input's own voxel grid and orientation."""
+    from synth7t.io import from_canonical
+    from synth7t.preprocess.register import resample_to
+
+    return from_canonical(resample_to(pred, canonical, order=1), info)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# many inputs
+
+
+def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Job]:
+    """Files, folders of NIfTI files, or manifests (CSV/TSV with per-scan covariates) -> jobs."""
+    from synth7t.manifest import parse_age, parse_diagnosis, parse_sex, read_manifest
+
+    try:
+        age, sex, diagnosis = parse_age(None if opts.age is None else str(opts.age)), parse_sex(opts.sex), \
+            parse_diagnosis(opts.diagnosis)
+    except ValueError as exc:
+        raise InputError(f"covariates: {exc}") from None
+    jobs: list[Job] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if is_nifti_path(f))
+            if not files:
+                raise InputError(f"{p}: folder holds no .nii/.nii.gz/.mgz file")
+            jobs += [Job(f, _stem(f), age, sex, diagnosis) for f in files]
+        elif p.suffix.lower() in (".csv", ".tsv"):
+            for s in read_manifest(p):
+                jobs.append(Job(s.t3, s.subject, s.age if s.age is not None else age, s.sex or sex,
+                                s.diagnosis or diagnosis))
+        else:
+            jobs.append(Job(p, _stem(p), age, sex, diagnosis))
+    names = [j.name for j in jobs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"several inputs share the output name(s) {', '.join(dupes)}; predict them separately")
+    return jobs
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".mgz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return p.stem
+
+
+def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path, out: str | Path,
+            opts: PredictOptions | None = None, *, progress: bool = True) -> PredictResult:
+    """Predict every input into ``out/<name>/``; one failing input does not stop the others."""
+    from synth7t.progress import progress_bar
+
+    opts = opts or PredictOptions()
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    jobs = collect_inputs(inputs, opts)
+    predictor = Predictor(model_dir, opts.device, opts.precision)
+    out = Path(out)
+    result = PredictResult()
+    for job in progress_bar(jobs, "predict", enabled=progress and len(jobs) > 1):
+        dest = out / job.name
+        if (dest / OUTPUT_NAME).exists() and (dest / "provenance.json").exists() and not opts.overwrite:
+            result.skipped.append(dest)
+            log.info("%s: output exists, skipped (use --overwrite to redo)", job.name)
+            continue
+        t0 = time.perf_counter()
+        try:
+            _predict_job(predictor, job, dest, opts)
+        except Synth7tError as exc:
+            result.failed[str(job.path)] = str(exc)
+            log.error("%s", exc)
+            continue
+        except Exception as exc:  # one bad scan must not stop a cohort; the reason is kept
+            result.failed[str(job.path)] = f"{type(exc).__name__}: {exc}"
+            log.exception("%s: failed", job.path)
+            continue
+        result.done.append(dest / OUTPUT_NAME)
+        result.seconds[job.name] = time.perf_counter() - t0
+        log.info("%s: done in %.1f s -> %s", job.name, result.seconds[job.name], dest / OUTPUT_NAME)
+    return result
+
+
+def _predict_job(predictor: Predictor, job: Job, dest: Path, opts: PredictOptions) -> None:
+    vol = load_volume(job.path)
+    if dest.resolve() == job.path.resolve().parent and (dest / OUTPUT_NAME).resolve() == job.path.resolve():
+        raise InputError(f"{job.path}: output would overwrite the input")
+    res = predict_volume(predictor, vol, opts, covariates={"age": job.age, "sex": job.sex, "diagnosis": job.diagnosis})
+    written = {}
+    inputs = (job.path,)
+    written["syn7t"] = save_volume(dest / OUTPUT_NAME, res["syn7t"], inputs=inputs)
+    written["mask"] = save_volume(dest / "mask.nii.gz", res["mask"], dtype=np.uint8, inputs=inputs)
+    if "uncertainty" in res:
+        written["uncertainty"] = save_volume(dest / "uncertainty.nii.gz", res["uncertainty"], inputs=inputs)
+    if opts.resample_to_input:
+        written["on_input_grid"] = save_volume(dest / "syn7t_on_input_grid.nii.gz",
+                                               on_input_grid(res["syn7t"], res["canonical"], res["reorientation"]),
+                                               inputs=inputs)
+    write_json(dest / "provenance.json", provenance(predictor, job, opts, res, written))
+
+
+def provenance(predictor: Predictor, job: Job, opts: PredictOptions, res: dict, written: dict) -> dict:
+    import nibabel
+    import numpy
+
+    return {
+        "synth7t_version": __version__,
+        "input": job.path.name,  # the file name only: no folder paths (they often hold IDs)
+        "model": {"folder": predictor.model_dir.name, "sha256": predictor.checksum,
+                  "preset": predictor.config.get("preset")},
+        "outputs": {k: Path(v).name for k, v in written.items()},
+        "intensity_units": ("input intensity units (clipped range of the input brain)" if opts.rescale
+                            else "model units: 0 and 1 = the input brain's 1st and 99th percentiles"),
+        "normalization_limits": list(res["limits"]),
+        "voxel_size_mm": list(predictor.voxel_mm),
+        "parameters": {k: v for k, v in vars(opts).items() if k not in ("age", "sex", "diagnosis")},
+        "covariates_given": {k: getattr(job, k) is not None for k in ("age", "sex", "diagnosis")},
+        "device": str(predictor.device),
+        "timings_s": {k: round(v, 2) for k, v in res["timings"].items()},
+        "versions": {"torch": torch.__version__, "numpy": numpy.__version__, "nibabel": nibabel.__version__},
+    }

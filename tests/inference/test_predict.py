@@ -1,0 +1,133 @@
+"""Prediction: geometry in the input's world space, TTA, many inputs, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from synth7t.errors import InputError
+from synth7t.inference import PredictOptions, predict
+from synth7t.io import Volume, load_volume, save_volume, voxel_to_world
+
+
+def _oblique_brain(tmp_path, name="brain.nii.gz", shape=(30, 36, 24)):
+    """A preprocessed-looking brain (three tissue shells, zero outside) on an oblique LPS 1 mm grid."""
+    idx = np.indices(shape).astype(np.float32)
+    c = (np.asarray(shape, np.float32) / 2)[:, None, None, None]
+    r = np.asarray([11, 13, 9], np.float32)[:, None, None, None]
+    d = np.sqrt((((idx - c) / r) ** 2).sum(0))
+    data = np.where(d < 0.45, 900, np.where(d < 0.8, 600, 300)) * (d < 1.0)
+    data = (data + np.random.default_rng(0).normal(0, 20, shape) * (d < 1)).astype(np.float32)
+    theta = np.deg2rad(15)
+    rot = np.array([[np.cos(theta), 0, np.sin(theta)], [0, 1, 0], [-np.sin(theta), 0, np.cos(theta)]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([-1.0, -1.0, 1.1])
+    aff[:3, 3] = [20, 30, -10]
+    return save_volume(tmp_path / name, Volume(data, aff))
+
+
+def _centre_of_mass_world(vol: Volume) -> np.ndarray:
+    ijk = np.argwhere(vol.data > 0).mean(0)
+    return voxel_to_world(vol.affine, ijk)[0]
+
+
+@pytest.fixture(scope="module")
+def predicted(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pred")
+    src = _oblique_brain(tmp)
+    res = predict(tiny_model, [src], tmp / "out", PredictOptions(preprocessed=True, tta=True, resample_to_input=True,
+                                                                 age=71, sex="F", diagnosis="mci"), progress=False)
+    assert not res.failed, res.failed
+    return src, tmp / "out" / "brain"
+
+
+def test_output_grid_and_world_alignment(predicted):
+    src, out = predicted
+    vin, vout = load_volume(src), load_volume(out / "syn7t.nii.gz")
+    np.testing.assert_allclose(vout.zooms, 0.65, atol=1e-4)
+    assert vout.orientation == "RAS"
+    # the brain lands where it was: centres of mass agree within half an output voxel
+    mask = load_volume(out / "mask.nii.gz")
+    err = np.linalg.norm(_centre_of_mass_world(mask) - _centre_of_mass_world(vin))
+    assert err < 0.65 / 2, err
+    # prediction values live inside the brain only, in [0, 1] model units, finite
+    assert np.isfinite(vout.data).all() and vout.data.min() >= 0 and vout.data.max() <= 1
+    assert (vout.data[mask.data == 0] == 0).all() and (vout.data[mask.data > 0] > 0).mean() > 0.9
+
+
+def test_resample_to_input_and_uncertainty(predicted):
+    src, out = predicted
+    vin = load_volume(src)
+    on_input = load_volume(out / "syn7t_on_input_grid.nii.gz")
+    assert on_input.shape == vin.shape
+    np.testing.assert_allclose(on_input.affine, vin.affine, atol=1e-5)
+    unc = load_volume(out / "uncertainty.nii.gz")
+    assert unc.data.min() >= 0 and np.isfinite(unc.data).all()
+
+
+def test_provenance_has_no_paths_or_covariate_values(predicted):
+    src, out = predicted
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["input"] == src.name and len(prov["model"]["sha256"]) == 64
+    text = json.dumps(prov)
+    assert str(src.parent) not in text and "71" not in json.dumps(prov["covariates_given"])
+    assert prov["covariates_given"] == {"age": True, "sex": True, "diagnosis": True}
+    hdr = nib.load(str(out / "syn7t.nii.gz")).header
+    assert bytes(hdr["descrip"]).strip(b"\x00") == b""
+
+
+def test_many_inputs_skip_overwrite_and_failures(tiny_model, tmp_path):
+    good = _oblique_brain(tmp_path, "good.nii.gz")
+    nan = tmp_path / "nan.nii.gz"
+    img = nib.load(str(good))
+    arr = img.get_fdata().astype(np.float32)
+    arr[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), str(nan))
+    zero = tmp_path / "zero.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(zero))
+    four = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([arr] * 2, -1), img.affine), str(four))
+    opts = PredictOptions(preprocessed=True)
+    res = predict(tiny_model, [good, nan, zero, four], tmp_path / "out", opts, progress=False)
+    assert [p.parent.name for p in res.done] == ["good"]
+    assert "NaN/Inf" in res.failed[str(nan)] and "all zeros" in res.failed[str(zero)]
+    assert "4-D image with 2 volumes" in res.failed[str(four)]
+    assert all("\n" not in v for v in res.failed.values())
+    again = predict(tiny_model, [good], tmp_path / "out", opts, progress=False)
+    assert len(again.skipped) == 1 and not again.done
+    forced = predict(tiny_model, [good], tmp_path / "out", PredictOptions(preprocessed=True, overwrite=True),
+                     progress=False)
+    assert len(forced.done) == 1
+
+
+def test_model_folder_problems_are_one_line(tiny_model, tmp_path):
+    import shutil
+
+    src = _oblique_brain(tmp_path)
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_model, bad, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    (bad / "metrics.json").write_text("{}")
+    with pytest.raises(InputError, match="metrics.json: checksum mismatch"):
+        predict(bad, [src], tmp_path / "o", PredictOptions(preprocessed=True), progress=False)
+    with pytest.raises(InputError, match="model folder not found"):
+        predict(tmp_path / "nope", [src], tmp_path / "o", PredictOptions(preprocessed=True), progress=False)
+    with pytest.raises(InputError, match="unknown sex code"):
+        predict(tiny_model, [src], tmp_path / "o", PredictOptions(preprocessed=True, sex="Q"), progress=False)
+
+
+def test_cli_predict_exit_codes(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from synth7t.cli import app
+
+    good = _oblique_brain(tmp_path, "good.nii.gz")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["predict", str(tiny_model), str(good), "-o", str(tmp_path / "o"), "--preprocessed"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "o" / "good" / "syn7t.nii.gz").exists()
+    missing = runner.invoke(app, ["predict", str(tiny_model), str(tmp_path / "absent.nii.gz"), "-o",
+                                  str(tmp_path / "o"), "--preprocessed"])
+    assert missing.exit_code == 1 and "file not found" in missing.output
