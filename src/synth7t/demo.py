@@ -15,7 +15,8 @@ randomness from one seed, so a cohort is reproducible bit for bit):
    *motion stripes* (thesis fig. 11).
 4. **3T-like image**, derived from the same anatomy by a physically motivated degradation: the subject is
    repositioned (a different rigid pose, as in a separate session), the 3T contrast is used, the image is
-   blurred by the acquisition PSF (Gaussian, FWHM 1.2 mm) and sampled on a 1 mm grid (resolution loss), a
+   blurred by the acquisition PSF (Gaussian, FWHM 1.2 mm; applied to the tissue memberships in template space,
+   which equals blurring the image since the contrast is linear in them) and sampled on a 1 mm grid (resolution loss), a
    milder smooth bias field and Rician noise (SNR lower than at 7T) are applied, and some subjects get mild
    motion-like stripes (ghosting of a few k-space lines).
 
@@ -234,11 +235,37 @@ def _to_int16(img: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.rint(img * scale), 0, 32767).astype(np.int16)
 
 
-def simulate_subject(template: Volume, spec: DemoSpec, index: int, rng: np.random.Generator,
+@dataclass
+class Anatomy:
+    """The template cropped around the slab, and its PSF-blurred tissue memberships (for the 3T images)."""
+
+    template: Volume
+    blurred: np.ndarray  # (3, X, Y, Z) float32
+
+    @classmethod
+    def build(cls, spec: DemoSpec, margin_mm: float = 25.0) -> Anatomy:
+        from scipy.ndimage import gaussian_filter
+
+        t = load_template()
+        z_world = t.affine[2, 3] + t.affine[2, 2] * np.arange(t.shape[2])
+        keep = np.flatnonzero(np.abs(z_world - spec.slab_center_z) <= spec.slab_mm / 2 + margin_mm)
+        aff = t.affine.copy()
+        aff[:3, 3] = t.affine[:3, :3] @ np.array([0, 0, keep[0]]) + t.affine[:3, 3]
+        template = Volume(np.ascontiguousarray(t.data[:, :, keep[0] : keep[-1] + 1]), aff)
+        sigma_vox = spec.psf_fwhm_mm / 2.3548 / template.zooms
+        memb = tissue_memberships(template.data)
+        blurred = np.stack([gaussian_filter(m, sigma_vox) for m in memb]).astype(np.float32)
+        return cls(template, blurred)
+
+    def sample_blurred(self, world: np.ndarray) -> np.ndarray:
+        """(3, N) blurred memberships at (N, 3) world points (linear interpolation, 0 outside)."""
+        return np.stack([_sample_template(Volume(m, self.template.affine), world) for m in self.blurred])
+
+
+def simulate_subject(anatomy: Anatomy, spec: DemoSpec, index: int, rng: np.random.Generator,
                      age: float) -> dict:
     """Simulate one subject's (3T-like, 7T-like) pair; returns Volumes and what was injected."""
-    from scipy.ndimage import gaussian_filter
-
+    template = anatomy.template
     center = np.array([0.0, -18.0, spec.slab_center_z])
     warp = _warp_sampler(rng, spec, center)
     nz7 = int(round(spec.slab_mm / spec.voxel_7t))
@@ -257,21 +284,16 @@ def simulate_subject(template: Volume, spec: DemoSpec, index: int, rng: np.rando
         img7 = _stripes(img7, rng, n_lines=12, strength=1.5)
     img7 = _rician(img7, TISSUE_7T[2] / spec.snr_7t, rng)
 
-    # 3T session: another pose, the 3T contrast, PSF blur and 1 mm sampling
+    # 3T session: another pose, the 3T contrast, PSF blur and 1 mm sampling. The PSF is applied to the tissue
+    # memberships in template space (once per cohort, see Anatomy); the contrast is linear in the memberships,
+    # so this equals blurring the 3T image, up to the small scaling of the subject's warp.
     pose = _random_affine(rng, DemoSpec(rotation_deg=6.0, scale_pct=0.0, translation_mm=5.0), center)
-    fine_shape = tuple(int(round(s * spec.voxel_7t / 0.5)) + 8 for s in shape7)
-    fine_aff = _grid(fine_shape, 0.5, center)
-    pts = _grid_points(fine_shape, fine_aff)
+    shape3 = tuple(int(np.ceil(s * spec.voxel_7t / spec.voxel_3t)) + 4 for s in shape7)
+    aff3 = _grid(shape3, spec.voxel_3t, center)
+    pts = _grid_points(shape3, aff3)
     pts = pts @ pose[:3, :3].T.astype(np.float32) + pose[:3, 3].astype(np.float32)
-    t_fine = _sample_template(template, warp(pts)).reshape(fine_shape)
-    clean3 = _contrast(tissue_memberships(t_fine), TISSUE_3T, rng, age)
-    sigma_vox = spec.psf_fwhm_mm / 2.3548 / 0.5
-    blurred = gaussian_filter(clean3, sigma=sigma_vox)
-    step = int(round(spec.voxel_3t / 0.5))
-    img3 = blurred[::step, ::step, ::step]
-    shape3 = img3.shape
-    aff3 = fine_aff.copy()
-    aff3[:3, :3] *= step
+    memb3 = anatomy.sample_blurred(warp(pts)).reshape(3, *shape3)
+    img3 = _contrast(memb3, TISSUE_3T, rng, age)
     # voxel (i, j, k) shows the anatomy at pose(aff3 @ ijk) but is saved at aff3 @ ijk: the head sits in another
     # pose than in the 7T session, which coregistration must undo
     img3 = img3 * _bias_field(shape3, aff3, center, 0.25, rng, central=False)
@@ -305,7 +327,7 @@ def build_demo_cohort(out: str | Path, spec: DemoSpec | None = None, *, progress
         raise ValueError("n_subjects must be >= 1")
     out = Path(out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
-    template = None
+    anatomy = None
     seeds = np.random.SeedSequence(spec.seed).spawn(spec.n_subjects)
     subjects, info = [], {}
     for i in progress_bar(range(spec.n_subjects), "demo cohort", enabled=progress):
@@ -316,8 +338,8 @@ def build_demo_cohort(out: str | Path, spec: DemoSpec | None = None, *, progress
         clean_path = out / "truth" / f"{sid}_7T_clean.nii.gz"
         meta_path = out / "truth" / f"{sid}.json"
         if not (all(p.exists() for p in paths.values()) and meta_path.exists()):
-            template = template if template is not None else load_template()
-            sim = simulate_subject(template, spec, i, rng, age)
+            anatomy = anatomy if anatomy is not None else Anatomy.build(spec)
+            sim = simulate_subject(anatomy, spec, i, rng, age)
             save_volume(paths["t7"], sim["t7"], dtype=np.int16)
             save_volume(paths["t3"], sim["t3"], dtype=np.int16)
             save_volume(clean_path, sim["t7_clean"])
