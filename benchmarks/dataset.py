@@ -76,10 +76,27 @@ def make_subject(work: Path, name: str, seed: int, shape: tuple[int, int, int], 
     save_volume(folder / "t3.nii.gz", Volume(t3.astype(np.float32), AFFINE))
     save_volume(folder / "t7.nii.gz", Volume(t7.astype(np.float32), AFFINE))
     save_volume(folder / "mask.nii.gz", Volume(mask, AFFINE), dtype=np.uint8)
-    write_json(folder / "subject.json", {"id": name, "age": int(60 + seed % 25), "sex": "FM"[seed % 2],
-                                         "diagnosis": None, "group": ["healthy", "ill"][seed % 2]})
-    write_json(folder / "qc.json", {"min_slice": 0, "motion_score": 0.0, "registration_ncc": 0.9,
-                                    "rejected": False, "flagged": False, "reasons": []})
+    write_json(
+        folder / "subject.json",
+        {
+            "id": name,
+            "age": int(60 + seed % 25),
+            "sex": "FM"[seed % 2],
+            "diagnosis": None,
+            "group": ["healthy", "ill"][seed % 2],
+        },
+    )
+    write_json(
+        folder / "qc.json",
+        {
+            "min_slice": 0,
+            "motion_score": 0.0,
+            "registration_ncc": 0.9,
+            "rejected": False,
+            "flagged": False,
+            "reasons": [],
+        },
+    )
     (folder / ".done").write_text('{"params_hash": "bench"}')
 
 
@@ -151,15 +168,22 @@ def _tiny_model():
         from synth7t.nn.config import UNetConfig
         from synth7t.nn.unet import UNet
 
-        cfg = UNetConfig(channels=16, channel_mult=(1, 2, 4), n_groups=8, n_res=1, cross_attention_stages=(3,),
-                         head_dim=32)
+        cfg = UNetConfig(
+            channels=16, channel_mult=(1, 2, 4), n_groups=8, n_res=1, cross_attention_stages=(3,), head_dim=32
+        )
         return UNet(cfg), "synth7t.nn.UNet(channels=16, mult=(1,2,4), n_res=1)"
     except Exception as exc:  # the network module may not exist yet: use a stand-in of the same size
         print(f"(synth7t.nn.UNet unavailable: {type(exc).__name__}: {exc}; using a plain conv net)", file=sys.stderr)
 
     def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                             nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1),
+            nn.GroupNorm(8, cout),
+            nn.SiLU(),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            nn.GroupNorm(8, cout),
+            nn.SiLU(),
+        )
 
     class Net(nn.Module):
         def __init__(self):
@@ -239,8 +263,11 @@ def main() -> None:
         t0 = time.perf_counter()
         for i in range(biggest):
             make_subject(root / "all", f"b{i:03d}", i, SHAPE[:2] + (args.slices,))
-        print(f"made {biggest} synthetic subjects ({SHAPE[0]} x {SHAPE[1]} x {args.slices}) "
-              f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(
+            f"made {biggest} synthetic subjects ({SHAPE[0]} x {SHAPE[1]} x {args.slices}) "
+            f"in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
         rows = []
         for n in args.subjects:
             work = root / f"work{n}"
@@ -263,26 +290,36 @@ def main() -> None:
 
 def report(rows, trains, full, args) -> None:
     load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"\nslice store benchmark (2.5D, 3 slices, batch 4, {os.cpu_count()} CPUs, load average {load}; "
-          f"medians of {args.repeats})")
-    print(f"{'subjects':>8} {'store MiB':>9} {'pack s/subj':>11} {'pack RSS':>8} | "
-          f"{'w0':>7} {'w2':>7} {'w0+aug':>7} {'w2+aug':>7} samples/s | "
-          f"{'main RSS':>8} {'wkr RSS':>7} {'epoch dAnon':>11}")
+    print(
+        f"\nslice store benchmark (2.5D, 3 slices, batch 4, {os.cpu_count()} CPUs, load average {load}; "
+        f"medians of {args.repeats})"
+    )
+    print(
+        f"{'subjects':>8} {'store MiB':>9} {'pack s/subj':>11} {'pack RSS':>8} | "
+        f"{'w0':>7} {'w2':>7} {'w0+aug':>7} {'w2+aug':>7} samples/s | "
+        f"{'main RSS':>8} {'wkr RSS':>7} {'epoch dAnon':>11}"
+    )
     for n, p, ld in rows:
-        print(f"{n:>8} {p['store_mib']:>9.1f} {p['s_per_subject']:>11.2f} {p['peak_rss_mib']:>8.0f} | "
-              f"{ld['plain_w0']:>7.0f} {ld['plain_w2']:>7.0f} {ld['aug_w0']:>7.0f} {ld['aug_w2']:>7.0f}           | "
-              f"{ld['peak_rss_mib']:>8.0f} {ld['worker_peak_rss_mib']:>7.0f} {ld['epoch_anon_growth_mib']:>11.1f}")
+        print(
+            f"{n:>8} {p['store_mib']:>9.1f} {p['s_per_subject']:>11.2f} {p['peak_rss_mib']:>8.0f} | "
+            f"{ld['plain_w0']:>7.0f} {ld['plain_w2']:>7.0f} {ld['aug_w0']:>7.0f} {ld['aug_w2']:>7.0f}           | "
+            f"{ld['peak_rss_mib']:>8.0f} {ld['worker_peak_rss_mib']:>7.0f} {ld['epoch_anon_growth_mib']:>11.1f}"
+        )
     print("(RSS in MiB; 'epoch dAnon' = growth of anonymous memory over one full epoch with 0 workers)")
     if full:
-        print(f"full-size subject {FULL_SHAPE}: pack {full['s_per_subject']:.1f} s, peak RSS "
-              f"{full['peak_rss_mib']:.0f} MiB, store {full['store_mib']:.1f} MiB")
+        print(
+            f"full-size subject {FULL_SHAPE}: pack {full['s_per_subject']:.1f} s, peak RSS "
+            f"{full['peak_rss_mib']:.0f} MiB, store {full['store_mib']:.1f} MiB"
+        )
     print(f"\nreference: one training step of {trains[0]['model']}, batch 4 x 3 x 288 x 224")
     for tr in trains:
         print(f"  {tr['device']}: {tr['step_s']:.3f} s/step = {tr['samples_per_s']:.1f} samples/s")
         for n, _, ld in rows:
-            print(f"    {n} subjects: loader / training = {ld['plain_w0'] / tr['samples_per_s']:.1f}x (w0), "
-                  f"{ld['aug_w0'] / tr['samples_per_s']:.1f}x (w0, all aug), "
-                  f"{ld['aug_w2'] / tr['samples_per_s']:.1f}x (w2, all aug)")
+            print(
+                f"    {n} subjects: loader / training = {ld['plain_w0'] / tr['samples_per_s']:.1f}x (w0), "
+                f"{ld['aug_w0'] / tr['samples_per_s']:.1f}x (w0, all aug), "
+                f"{ld['aug_w2'] / tr['samples_per_s']:.1f}x (w2, all aug)"
+            )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def tiny_store(tmp_path_factory):
 # a small, quick configuration of the tiny preset: 2 epochs of 6 batches
 FAST_TRAINING = {"trainer.max_epochs": 2, "loss.perceptual": "none", "data.batch_size": 8,
                  "trainer.log_every_n_steps": 1, "trainer.limit_train_batches": 6, "model.channels": 8,
-                 "model.n_groups": 4, "model.head_dim": 8}
+                 "model.n_groups": 4, "model.head_dim": 8, "data.patch": 16}
 
 
 @pytest.fixture(scope="session")

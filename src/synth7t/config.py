@@ -26,7 +26,11 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
+    """``patch``: train on random square in-plane crops of this size centred near brain pixels (a multiple of
+    the model's down-sampling factor; ``null`` = whole slices as in the thesis). Validation uses whole slices."""
+
     batch_size: int = Field(16, ge=1)
+    patch: int | None = Field(None, ge=8)
     num_workers: int = Field(2, ge=0)
     augment: AugmentConfig = AugmentConfig()
 
@@ -70,6 +74,8 @@ class TrainerConfig(_Strict):
     limit_train_batches: float | int = 1.0
     limit_val_batches: float | int = 1.0
     log_every_n_steps: int = Field(10, ge=1)
+    val_every_n_epochs: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's default)
     checkpoint_every_steps: int = Field(200, ge=1)
 
 
@@ -85,6 +91,15 @@ class TrainConfig(_Strict):
     @property
     def is_gan(self) -> bool:
         return self.critic is not None
+
+    @model_validator(mode="after")
+    def _patch_fits(self) -> TrainConfig:
+        p, f = self.data.patch, self.model.downsample_factor
+        if p is not None and p % f:
+            raise ValueError(f"data.patch {p} is not a multiple of the model's down-sampling factor {f}")
+        if p is not None and self.critic is not None and p % self.critic.downsample_factor:
+            raise ValueError(f"data.patch {p} is not a multiple of the critic's {self.critic.downsample_factor}")
+        return self
 
     @model_validator(mode="after")
     def _gan_needs_weight(self) -> TrainConfig:

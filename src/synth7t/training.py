@@ -69,18 +69,43 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch
 
 
 class EpochIndexed(torch.utils.data.Dataset):
-    """Wraps a SliceDataset so that index ``e * N + i`` is sample ``i`` augmented as in epoch ``e``."""
+    """Wraps a SliceDataset so that index ``e * N + i`` is sample ``i`` augmented as in epoch ``e``.
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    With ``patch``, a random ``patch x patch`` in-plane crop (centred on a random brain pixel, shifted to stay
+    inside the slice) of input, target and mask is returned; its position is drawn from a generator seeded by
+    ``(seed, epoch, i)``, so it is the same whatever the worker count and after a resume.
+    """
+
+    def __init__(self, dataset, patch: int | None = None, seed: int = 0):
+        self.dataset, self.patch, self.seed = dataset, patch, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.dataset)
-        self.dataset.set_epoch(index // n)
-        return self.dataset[index % n]
+        epoch, i = divmod(index, n)
+        self.dataset.set_epoch(epoch)
+        sample = self.dataset[i]
+        if self.patch is None:
+            return sample
+        return random_patch(sample, self.patch, np.random.default_rng([self.seed, epoch, i, 1]))
+
+
+def random_patch(sample: dict, size: int, rng: np.random.Generator) -> dict:
+    """Crop the (C, H, W) arrays of a sample to ``size x size`` around a random brain pixel."""
+    h, w = sample["input"].shape[-2:]
+    if size > h or size > w:
+        raise ConfigError(f"data.patch {size} is larger than the slices ({h}x{w})")
+    brain = np.argwhere(sample["mask"][0] > 0)
+    cy, cx = brain[rng.integers(len(brain))] if len(brain) else (h // 2, w // 2)
+    y0 = int(np.clip(cy - size // 2, 0, h - size))
+    x0 = int(np.clip(cx - size // 2, 0, w - size))
+    out = dict(sample)
+    for key in ("input", "target", "mask"):
+        if key in sample:
+            out[key] = np.ascontiguousarray(sample[key][:, y0 : y0 + size, x0 : x0 + size])
+    return out
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -127,7 +152,8 @@ def make_loaders(store, cfg: TrainConfig, seed: int):
     workers = cfg.data.num_workers
     common = dict(batch_size=cfg.data.batch_size, num_workers=workers, collate_fn=_collate,
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    train = torch.utils.data.DataLoader(EpochIndexed(train_ds), sampler=EpochSampler(len(train_ds), seed),
+    train = torch.utils.data.DataLoader(EpochIndexed(train_ds, cfg.data.patch, seed),
+                                        sampler=EpochSampler(len(train_ds), seed),
                                         drop_last=len(train_ds) > cfg.data.batch_size, **common)
     val = None
     if len(val_ds):
@@ -355,6 +381,8 @@ def train(
 
     from synth7t.dataset.slices import SliceStore
 
+    for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning's tips and notices: warnings only
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger("synth7t").getEffectiveLevel()))
     out = Path(out)
     store_obj = SliceStore(store)
     cfg = _resolve_config(out, preset, overrides, config, resume)
@@ -362,6 +390,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "train_config.json", cfg.model_dump(mode="json"))
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
     accelerator = resolve_accelerator(device)
     precision = resolve_precision(cfg.trainer.precision, accelerator)
     train_loader, val_loader = make_loaders(store_obj, cfg, cfg.trainer.seed)
@@ -371,10 +401,10 @@ def train(
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", save_top_k=1 if monitor else 0, **monitor)
     # last.ckpt (for resuming) is refreshed at every epoch end and every `checkpoint_every_steps` steps
     per_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch", every_n_epochs=1, save_top_k=1, save_last=True,
-                                enable_version_counter=False)
+                                save_on_train_epoch_end=True, enable_version_counter=False)
     per_steps = ModelCheckpoint(dirpath=ckpt_dir, filename="step",
                                 every_n_train_steps=cfg.trainer.checkpoint_every_steps, save_top_k=1, save_last=True,
-                                enable_version_counter=False)
+                                save_on_train_epoch_end=True, enable_version_counter=False)
     callbacks = [best, per_epoch, per_steps, LearningRateMonitor(logging_interval="step"), *(extra_callbacks or [])]
     trainer = pl.Trainer(
         default_root_dir=out, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
@@ -383,7 +413,8 @@ def train(
         max_time={"minutes": cfg.trainer.max_minutes} if cfg.trainer.max_minutes else None,
         gradient_clip_val=cfg.optim.grad_clip if not cfg.is_gan else None,
         limit_train_batches=cfg.trainer.limit_train_batches, limit_val_batches=cfg.trainer.limit_val_batches,
-        log_every_n_steps=cfg.trainer.log_every_n_steps, callbacks=callbacks, enable_progress_bar=progress,
+        log_every_n_steps=cfg.trainer.log_every_n_steps, check_val_every_n_epoch=cfg.trainer.val_every_n_epochs,
+        callbacks=callbacks, enable_progress_bar=progress,
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
         enable_model_summary=False, deterministic="warn", num_sanity_val_steps=0,
         use_distributed_sampler=False,
@@ -394,8 +425,24 @@ def train(
     elapsed = time.perf_counter() - t0
     if trainer.global_rank != 0:
         return out
-    weights_from = best.best_model_path if best.best_model_path else None
+    weights_from = _final_validation(trainer, module, val_loader, best)
     return write_model_folder(out, module, cfg, store_obj, trainer, elapsed, weights_from, data_notes or {})
+
+
+def _final_validation(trainer, module, val_loader, best) -> str | None:
+    """Validate the final weights, and the best checkpoint's if it scored higher; keep the better ones.
+
+    Returns the checkpoint to take the weights from (None: the module's final weights). Afterwards
+    ``trainer.callback_metrics`` holds the validation metrics of the weights kept.
+    """
+    if val_loader is None:
+        return None
+    final = trainer.validate(module, val_loader, verbose=False)[0]
+    score = best.best_model_score
+    if not best.best_model_path or score is None or float(score) <= final.get("val/psnr_brain", float("-inf")):
+        return None
+    trainer.validate(module, val_loader, ckpt_path=best.best_model_path, verbose=False, weights_only=True)
+    return best.best_model_path
 
 
 def _resolve_config(out: Path, preset, overrides, config, resume: bool) -> TrainConfig:

@@ -51,3 +51,26 @@ def test_unknown_preset_and_yaml_file(tmp_path):
     f.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="malformed YAML"):
         load_config(f)
+
+
+def test_patch_must_fit_the_network():
+    with pytest.raises(ConfigError, match="not a multiple of the model's down-sampling factor 4"):
+        load_config("tiny", {"data.patch": "90"})
+
+
+def test_random_patch_is_reproducible_and_centred_on_brain():
+    import numpy as np
+
+    from synth7t.training import random_patch
+
+    mask = np.zeros((1, 64, 80), np.float32)
+    mask[0, 40:50, 60:70] = 1
+    sample = {"input": np.random.rand(3, 64, 80).astype(np.float32), "target": np.random.rand(1, 64, 80),
+              "mask": mask}
+    a = random_patch(sample, 16, np.random.default_rng([0, 1, 2]))
+    b = random_patch(sample, 16, np.random.default_rng([0, 1, 2]))
+    assert a["input"].shape == (3, 16, 16) and a["target"].shape == (1, 16, 16)
+    np.testing.assert_array_equal(a["input"], b["input"])
+    assert a["mask"].sum() > 0
+    with pytest.raises(ConfigError, match="larger than the slices"):
+        random_patch(sample, 128, np.random.default_rng(0))
