@@ -291,12 +291,14 @@ def tune(
     preset: Annotated[str, typer.Option(help="Base preset the search starts from.")] = "tiny",
     objective: Annotated[str, typer.Option(help="multi (PSNR and SSIM), psnr or ssim.")] = "multi",
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Fix a setting for all trials: data.patch=64")] = None,
 ) -> None:
     """Optuna search over the thesis' training settings; resumable; writes the Pareto front."""
+    overrides = _parse_sets(set_)
     from synth7t.tuning import tune as tune_fn
 
     path = tune_fn(store, out, trials=trials, budget_minutes=budget_minutes, preset=preset, objective=objective,
-                   seed=seed)
+                   seed=seed, overrides=overrides)
     typer.echo(f"study: {path}")
 
 
