@@ -123,7 +123,8 @@ def preprocess(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects processed in parallel.")] = 1,
     shard: Annotated[str | None, typer.Option(help="K/N: process only the K-th (1..N) of N subsets (SLURM arrays: "
                                               "--shard $((SLURM_ARRAY_TASK_ID+1))/N).")] = None,
-    skullstrip: Annotated[str, typer.Option(help="deepbet (offline, default) or synthstrip (FreeSurfer).")] = "deepbet",
+    skullstrip: Annotated[str, typer.Option(help="deepbet (offline, default), synthstrip (FreeSurfer) or threshold "
+                                            "(brains already without skull).")] = "deepbet",
     t3_already_corrected: Annotated[bool, typer.Option(help="Skip N4 on the 3T scans.")] = False,
     preset: Annotated[str, typer.Option(help="thesis (7T N4: FWHM 0.18, Wiener 0.1, 150x4 iterations, shrink 4; "
                                         "SyN) or demo (fewer N4 and SyN iterations).")] = "thesis",
@@ -241,6 +242,8 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Redo inputs whose outputs exist.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(help="Slices per forward pass (default: adapts to memory).")] = None,
+    skullstrip: Annotated[str | None, typer.Option(help="deepbet, synthstrip or threshold (default: deepbet).")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 on a capable GPU, else fp32), 32 or bf16.")] = "auto",
 ) -> None:
     """Turn raw 3T T1w scans into synthetic 7T brains, in the input's own world space."""
     from synth7t.inference import PredictOptions
@@ -248,7 +251,7 @@ def predict(
 
     opts = PredictOptions(preprocessed=preprocessed, age=age, sex=sex, diagnosis=diagnosis, tta=tta,
                           rescale=rescale, resample_to_input=resample_to_input, overwrite=overwrite,
-                          device=device, batch_size=batch_size)
+                          device=device, batch_size=batch_size, skullstrip=skullstrip, precision=precision)
     result = predict_fn(model, inputs, out, opts)
     typer.echo(result.summary())
     if result.failed:

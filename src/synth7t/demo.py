@@ -288,7 +288,9 @@ def simulate_subject(anatomy: Anatomy, spec: DemoSpec, index: int, rng: np.rando
     # memberships in template space (once per cohort, see Anatomy); the contrast is linear in the memberships,
     # so this equals blurring the 3T image, up to the small scaling of the subject's warp.
     pose = _random_affine(rng, DemoSpec(rotation_deg=6.0, scale_pct=0.0, translation_mm=5.0), center)
-    shape3 = tuple(int(np.ceil(s * spec.voxel_7t / spec.voxel_3t)) + 4 for s in shape7)
+    # the 3T slab is 12 mm thicker than the 7T one so that, despite the other pose, it covers the 7T brain
+    extent = np.asarray(shape7) * spec.voxel_7t / spec.voxel_3t + np.array([4, 4, 12])
+    shape3 = tuple(int(np.ceil(e)) for e in extent)
     aff3 = _grid(shape3, spec.voxel_3t, center)
     pts = _grid_points(shape3, aff3)
     pts = pts @ pose[:3, :3].T.astype(np.float32) + pose[:3, 3].astype(np.float32)
