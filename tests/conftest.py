@@ -78,3 +78,9 @@ def tiny_model(tiny_store, tmp_path_factory):  # noqa: D401
 
     out = tmp_path_factory.mktemp("model") / "run"
     return train(tiny_store[1], out, preset="tiny", overrides=FAST_TRAINING, progress=False)
+
+
+def shared_heads() -> list[Path]:
+    """Every NIfTI head in ../shared/data/heads (empty where the folder is absent)."""
+    root = shared_data()
+    return sorted((root / "heads").glob("*.nii.gz")) if root else []

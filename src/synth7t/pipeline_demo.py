@@ -19,8 +19,8 @@ from synth7t.errors import Synth7tError
 
 log = logging.getLogger(__name__)
 
-DEMO_TRAIN = {"trainer.max_minutes": 6.0, "trainer.max_epochs": 6}
-BENCH_TRAIN = {"trainer.max_minutes": 14.0, "trainer.max_epochs": 30}
+DEMO_TRAIN = {"trainer.max_minutes": 6.0, "trainer.max_epochs": 200}
+BENCH_TRAIN = {"trainer.max_minutes": 10.0, "trainer.max_epochs": 200}
 
 
 def run_demo(out: str | Path, *, n_subjects: int = 10, seed: int = 0, jobs: int = 2, cohort_only: bool = False,

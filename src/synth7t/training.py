@@ -504,21 +504,28 @@ def generator_state(module_or_ckpt: Any) -> dict[str, torch.Tensor]:
 def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elapsed: float,
                        weights_from: str | None, data_notes: dict) -> Path:
     """Write model.safetensors, config.json, metrics.json, model_card.md and checksums.sha256 into ``out``."""
+    state = generator_state(weights_from) if weights_from else generator_state(module)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics.update(epochs=int(trainer.current_epoch), steps=int(trainer.global_step), train_seconds=round(elapsed, 1),
+                   weights="best" if weights_from else "final")
+    config = model_config(cfg, store, module)
+    config["training_data"].update(data_notes)
+    return save_model_folder(out, state, config, metrics, model_card(cfg, config, metrics))
+
+
+def save_model_folder(out: Path, state: dict[str, torch.Tensor], config: dict, metrics: dict, card: str) -> Path:
+    """Write a model folder: weights (safetensors), config.json, metrics.json, model_card.md, checksums.sha256."""
     from safetensors.torch import save_file
 
     from synth7t.io import atomic_path
 
-    state = generator_state(weights_from) if weights_from else generator_state(module)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "synth7t", "version": __version__})
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics.update(epochs=int(trainer.current_epoch), steps=int(trainer.global_step), train_seconds=round(elapsed, 1),
-                   weights="best" if weights_from else "last")
     write_json(out / "metrics.json", metrics)
-    config = model_config(cfg, store, module)
-    config["training_data"].update(data_notes)
     write_json(out / "config.json", config)
-    write_text(out / "model_card.md", model_card(cfg, config, metrics))
+    write_text(out / "model_card.md", card)
     files = [*MODEL_FILES, "metrics.json", "model_card.md"]
     write_text(out / "checksums.sha256", "".join(f"{_sha256(out / f)}  {f}\n" for f in files))
     log.info("model folder written: %s", out)
@@ -526,7 +533,12 @@ def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elap
 
 
 def model_config(cfg: TrainConfig, store, module) -> dict:
-    """What inference needs, and nothing it must guess: architecture, slices, grid, normalization, context."""
+    """What inference needs, and nothing it must guess: architecture, slices, grid, normalization, context.
+
+    ``store=None`` describes an untrained model (benchmarks): 0.65 mm grid, no training data.
+    """
+    if store is None:
+        return _untrained_config(cfg, module)
     s = store.meta
     return {
         "format": "synth7t-model",
@@ -549,6 +561,15 @@ def model_config(cfg: TrainConfig, store, module) -> dict:
         "parameters": int(sum(p.numel() for p in module.generator.parameters())),
         "train_config": cfg.model_dump(mode="json"),
     }
+
+
+def _untrained_config(cfg: TrainConfig, module) -> dict:
+    return {"format": "synth7t-model", "synth7t_version": __version__, "preset": cfg.preset,
+            "model": cfg.model.model_dump(mode="json"), "n_slices": cfg.model.in_slices,
+            "voxel_size_mm": [0.65, 0.65, 0.65], "multiple": cfg.model.downsample_factor,
+            "normalization": {"method": "clipped_minmax", "lower_pct": 1.0, "upper_pct": 99.0},
+            "perceptual": "none", "gan": cfg.is_gan, "training_data": {"untrained": True},
+            "parameters": int(sum(p.numel() for p in module.parameters()))}
 
 
 def store_voxel_size(store) -> list[float]:
