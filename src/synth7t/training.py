@@ -381,6 +381,11 @@ def train(
 
     from synth7t.dataset.slices import SliceStore
 
+    import warnings
+
+    # the frozen perceptual network is in eval mode on purpose; the LeafSpec notice is Lightning-internal
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning's tips and notices: warnings only
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger("synth7t").getEffectiveLevel()))
     out = Path(out)
