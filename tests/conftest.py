@@ -84,3 +84,11 @@ def shared_heads() -> list[Path]:
     """Every NIfTI head in ../shared/data/heads (empty where the folder is absent)."""
     root = shared_data()
     return sorted((root / "heads").glob("*.nii.gz")) if root else []
+
+
+def pytest_generate_tests(metafunc):
+    """Tests taking a ``real_head`` argument run once per real head, or are skipped where there are none."""
+    if "real_head" in metafunc.fixturenames:
+        heads = shared_heads()
+        params = heads or [pytest.param(None, marks=pytest.mark.skip(reason="../shared/data/heads not present"))]
+        metafunc.parametrize("real_head", params, ids=lambda p: p.name if p else "absent")

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
-import pytest
 
 from synth7t.io import from_canonical, load_volume, save_volume, to_canonical, voxel_to_world
 
 
-def _heads():
-    spec = importlib.util.spec_from_file_location("root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.shared_heads()
-
-
-HEADS = _heads()
-
-
-@pytest.mark.skipif(not HEADS, reason="../shared/data/heads not present")
-@pytest.mark.parametrize("path", HEADS, ids=lambda p: p.name)
-def test_real_head_loads_and_round_trips_through_ras(path, tmp_path):
-    vol = load_volume(path)
+def test_real_head_loads_and_round_trips_through_ras(real_head, tmp_path):
+    vol = load_volume(real_head)
     can, info = to_canonical(vol)
     assert can.orientation == "RAS"
     # the same voxel is at the same world position in both orientations

@@ -7,9 +7,6 @@ the input (centre of mass of the output brain within 2 mm of the input brain mas
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,28 +14,16 @@ from synth7t.inference import PredictOptions, Predictor, predict_volume
 from synth7t.io import load_volume, to_canonical, voxel_to_world
 
 
-def _heads():
-    spec = importlib.util.spec_from_file_location("root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.shared_heads()
-
-
-HEADS = _heads()
-
-
 def _com(vol) -> np.ndarray:
     return voxel_to_world(vol.affine, np.argwhere(vol.data > 0).mean(0))[0]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HEADS, reason="../shared/data/heads not present")
-@pytest.mark.parametrize("path", HEADS, ids=lambda p: p.name)
-def test_predict_real_head_overlays_input(path, tiny_model):
+def test_predict_real_head_overlays_input(real_head, tiny_model):
     from synth7t.preprocess.bias import n4
     from synth7t.preprocess.skullstrip import strip
 
-    vol = load_volume(path)
+    vol = load_volume(real_head)
     predictor = Predictor(tiny_model, "cpu")
     res = predict_volume(predictor, vol, PredictOptions(), covariates={})
     out = res["syn7t"]

@@ -10,15 +10,6 @@ import torch
 from synth7t.nn import AdaDM, ContextEmbedding, CrossAttention, ResBlock, SelfAttention, sinusoidal_2d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barrier stalls when the machine's cores are oversubscribed."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_adadm_matches_hand_computation():
     torch.manual_seed(0)
     m = AdaDM()

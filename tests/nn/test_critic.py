@@ -8,15 +8,6 @@ import torch
 from synth7t.nn import CriticConfig, PatchCritic
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barrier stalls when the machine's cores are oversubscribed."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_output_shape_and_unbounded_scores():
     torch.manual_seed(0)
     critic = PatchCritic(CriticConfig(channels=8, n_layers=3))

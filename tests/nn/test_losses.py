@@ -21,15 +21,6 @@ from synth7t.nn import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barrier stalls when the machine's cores are oversubscribed."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class LinearPatchCritic(torch.nn.Module):
     """D(x) = patch map of a 2x2 stride-2 convolution: its gradient norm is known in closed form."""
 

@@ -9,15 +9,6 @@ import torch.nn.functional as F
 from synth7t.nn import UNet, UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barrier stalls when the machine's cores are oversubscribed."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_cfg(**kw) -> UNetConfig:
     base = dict(channels=8, channel_mult=(1, 2), n_groups=4, n_res=1, cross_attention_stages=(2,), head_dim=8,
                 context_tokens=2, context_width=8)
