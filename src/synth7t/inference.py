@@ -35,6 +35,7 @@ import torch
 from synth7t import __version__
 from synth7t.errors import InputError, Synth7tError
 from synth7t.io import Volume, is_nifti_path, load_volume, save_volume, to_canonical, write_json
+from synth7t.manifest import Subject
 
 log = logging.getLogger(__name__)
 OUTPUT_NAME = "syn7t.nii.gz"
@@ -67,15 +68,6 @@ class PredictResult:
         lines = [f"predicted {len(self.done)}, skipped {len(self.skipped)} (outputs exist), failed {len(self.failed)}"]
         lines += [f"  failed: {k}: {v}" for k, v in self.failed.items()]
         return "\n".join(lines)
-
-
-@dataclass
-class Job:
-    path: Path
-    name: str
-    age: float | None = None
-    sex: str | None = None
-    diagnosis: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,7 +247,7 @@ def on_input_grid(pred: Volume, canonical: Volume, info) -> Volume:
 # many inputs
 
 
-def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Job]:
+def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Subject]:
     """Files, folders of NIfTI files, or manifests (CSV/TSV with per-scan covariates) -> jobs."""
     from synth7t.manifest import parse_age, parse_diagnosis, parse_sex, read_manifest
 
@@ -264,21 +256,21 @@ def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Job]:
             parse_diagnosis(opts.diagnosis)
     except ValueError as exc:
         raise InputError(f"covariates: {exc}") from None
-    jobs: list[Job] = []
+    jobs: list[Subject] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if is_nifti_path(f))
             if not files:
                 raise InputError(f"{p}: folder holds no .nii/.nii.gz/.mgz file")
-            jobs += [Job(f, _stem(f), age, sex, diagnosis) for f in files]
+            jobs += [Subject(_stem(f), f, age=age, sex=sex, diagnosis=diagnosis) for f in files]
         elif p.suffix.lower() in (".csv", ".tsv"):
             for s in read_manifest(p):
-                jobs.append(Job(s.t3, s.subject, s.age if s.age is not None else age, s.sex or sex,
-                                s.diagnosis or diagnosis))
+                jobs.append(Subject(s.subject, s.t3, age=s.age if s.age is not None else age, sex=s.sex or sex,
+                                    diagnosis=s.diagnosis or diagnosis))
         else:
-            jobs.append(Job(p, _stem(p), age, sex, diagnosis))
-    names = [j.name for j in jobs]
+            jobs.append(Subject(_stem(p), p, age=age, sex=sex, diagnosis=diagnosis))
+    names = [j.subject for j in jobs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InputError(f"several inputs share the output name(s) {', '.join(dupes)}; predict them separately")
@@ -305,35 +297,35 @@ def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path, out: s
     out = Path(out)
     result = PredictResult()
     for job in progress_bar(jobs, "predict", enabled=progress and len(jobs) > 1):
-        dest = out / job.name
+        dest = out / job.subject
         if (dest / OUTPUT_NAME).exists() and (dest / "provenance.json").exists() and not opts.overwrite:
             result.skipped.append(dest)
-            log.info("%s: output exists, skipped (use --overwrite to redo)", job.name)
+            log.info("%s: output exists, skipped (use --overwrite to redo)", job.subject)
             continue
         t0 = time.perf_counter()
         try:
             _predict_job(predictor, job, dest, opts)
         except Synth7tError as exc:
-            result.failed[str(job.path)] = str(exc)
+            result.failed[str(job.t3)] = str(exc)
             log.error("%s", exc)
             continue
         except Exception as exc:  # one bad scan must not stop a cohort; the reason is kept
-            result.failed[str(job.path)] = f"{type(exc).__name__}: {exc}"
-            log.exception("%s: failed", job.path)
+            result.failed[str(job.t3)] = f"{type(exc).__name__}: {exc}"
+            log.exception("%s: failed", job.t3)
             continue
         result.done.append(dest / OUTPUT_NAME)
-        result.seconds[job.name] = time.perf_counter() - t0
-        log.info("%s: done in %.1f s -> %s", job.name, result.seconds[job.name], dest / OUTPUT_NAME)
+        result.seconds[job.subject] = time.perf_counter() - t0
+        log.info("%s: done in %.1f s -> %s", job.subject, result.seconds[job.subject], dest / OUTPUT_NAME)
     return result
 
 
-def _predict_job(predictor: Predictor, job: Job, dest: Path, opts: PredictOptions) -> None:
-    vol = load_volume(job.path)
-    if dest.resolve() == job.path.resolve().parent and (dest / OUTPUT_NAME).resolve() == job.path.resolve():
-        raise InputError(f"{job.path}: output would overwrite the input")
+def _predict_job(predictor: Predictor, job: Subject, dest: Path, opts: PredictOptions) -> None:
+    vol = load_volume(job.t3)
+    if dest.resolve() == job.t3.resolve().parent and (dest / OUTPUT_NAME).resolve() == job.t3.resolve():
+        raise InputError(f"{job.t3}: output would overwrite the input")
     res = predict_volume(predictor, vol, opts, covariates={"age": job.age, "sex": job.sex, "diagnosis": job.diagnosis})
     written = {}
-    inputs = (job.path,)
+    inputs = (job.t3,)
     written["syn7t"] = save_volume(dest / OUTPUT_NAME, res["syn7t"], inputs=inputs)
     written["mask"] = save_volume(dest / "mask.nii.gz", res["mask"], dtype=np.uint8, inputs=inputs)
     if "uncertainty" in res:
@@ -345,13 +337,13 @@ def _predict_job(predictor: Predictor, job: Job, dest: Path, opts: PredictOption
     write_json(dest / "provenance.json", provenance(predictor, job, opts, res, written))
 
 
-def provenance(predictor: Predictor, job: Job, opts: PredictOptions, res: dict, written: dict) -> dict:
+def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: dict, written: dict) -> dict:
     import nibabel
     import numpy
 
     return {
         "synth7t_version": __version__,
-        "input": job.path.name,  # the file name only: no folder paths (they often hold IDs)
+        "input": job.t3.name,  # the file name only: no folder paths (they often hold IDs)
         "model": {"folder": predictor.model_dir.name, "sha256": predictor.checksum,
                   "preset": predictor.config.get("preset")},
         "outputs": {k: Path(v).name for k, v in written.items()},

@@ -375,13 +375,13 @@ def train(
     (e.g. ``{"simulated": True}``) are added to the model folder's description of its training data. With
     ``resume``, the configuration saved in ``out`` is used and training continues from the last checkpoint.
     """
+    import warnings
+
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from synth7t.dataset.slices import SliceStore
-
-    import warnings
 
     # the frozen perceptual network is in eval mode on purpose; the LeafSpec notice is Lightning-internal
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
