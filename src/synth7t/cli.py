@@ -231,7 +231,7 @@ def train(
 def predict(
     model: Annotated[Path, typer.Argument(help="Model folder written by `synth7t train`.")],
     inputs: Annotated[list[Path], typer.Argument(help="3T scans (files), folders of scans, or a manifest CSV/TSV.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one file or folder per input).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: one sub-folder per input.")],
     preprocessed: Annotated[bool, typer.Option(help="Inputs are bias-corrected, skull-stripped brains.")] = False,
     age: Annotated[float | None, typer.Option(help="Age in years (for all inputs; a manifest gives its own).")] = None,
     sex: Annotated[str | None, typer.Option(help="F or M.")] = None,
