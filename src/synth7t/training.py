@@ -386,6 +386,8 @@ def train(
     # the frozen perceptual network is in eval mode on purpose; the LeafSpec notice is Lightning-internal
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # GAN: checkpoints hold the state after each optimizer step, which is what resuming needs
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning's tips and notices: warnings only
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger("synth7t").getEffectiveLevel()))
     out = Path(out)
