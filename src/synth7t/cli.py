@@ -104,7 +104,10 @@ def demo(
     """
     from synth7t.pipeline_demo import run_demo
 
-    run_demo(out, n_subjects=subjects, seed=seed, jobs=jobs, cohort_only=cohort_only, benchmark=benchmark)
+    res = run_demo(out, n_subjects=subjects, seed=seed, jobs=jobs, cohort_only=cohort_only, benchmark=benchmark)
+    for key in ("manifest", "report", "native_prediction", "quality"):
+        if res.get(key) is not None:
+            typer.echo(f"{key}: {res[key]}")
 
 
 # ---------------------------------------------------------------------------------------------------------
