@@ -539,14 +539,23 @@ def save_model_folder(out: Path, state: dict[str, torch.Tensor], config: dict, m
     return out
 
 
+DEFAULT_NORMALIZATION = {"method": "clipped_minmax", "lower_pct": 1.0, "upper_pct": 99.0}
+
+
 def model_config(cfg: TrainConfig, store, module) -> dict:
     """What inference needs, and nothing it must guess: architecture, slices, grid, normalization, context.
 
     ``store=None`` describes an untrained model (benchmarks): 0.65 mm grid, no training data.
+    ``module`` is the LightningModule (its ``generator`` is counted) or the network itself.
     """
+    meta = store.meta if store is not None else {}
+    net = getattr(module, "generator", module)
     if store is None:
-        return _untrained_config(cfg, module)
-    s = store.meta
+        data = {"untrained": True}
+    else:
+        data = {"store": str(Path(store.root).resolve().name), "n_train": len(store.split_subjects("train")),
+                "n_val": len(store.split_subjects("val")), "n_test": len(store.split_subjects("test")),
+                "simulated": bool(meta.get("simulated", False))}
     return {
         "format": "synth7t-model",
         "synth7t_version": __version__,
@@ -555,28 +564,17 @@ def model_config(cfg: TrainConfig, store, module) -> dict:
         "model": cfg.model.model_dump(mode="json"),
         "n_slices": cfg.model.in_slices,
         "slice_axis": "axial (canonical RAS+ axis 2)",
-        "voxel_size_mm": store_voxel_size(store),
+        "voxel_size_mm": store_voxel_size(store) if store is not None else [0.65, 0.65, 0.65],
         "multiple": cfg.model.downsample_factor,
-        "normalization": s.get("normalization", {"method": "clipped-minmax", "lower_pct": 1.0, "upper_pct": 99.0}),
-        "context": s.get("context", {"dim": cfg.model.context_dim}),
-        "preprocessing": s.get("preprocessing", {}),
-        "perceptual": cfg.loss.perceptual if cfg.loss.perceptual_weight > 0 else "none",
+        "normalization": meta.get("normalization", DEFAULT_NORMALIZATION),
+        "context": meta.get("context", {"dim": cfg.model.context_dim}),
+        "preprocessing": meta.get("preprocessing", {}),
+        "perceptual": cfg.loss.perceptual if store is not None and cfg.loss.perceptual_weight > 0 else "none",
         "gan": cfg.is_gan,
-        "training_data": {"store": str(Path(store.root).resolve().name),
-                          "n_train": len(store.split_subjects("train")), "n_val": len(store.split_subjects("val")),
-                          "n_test": len(store.split_subjects("test")), "simulated": bool(s.get("simulated", False))},
-        "parameters": int(sum(p.numel() for p in module.generator.parameters())),
+        "training_data": data,
+        "parameters": int(sum(p.numel() for p in net.parameters())),
         "train_config": cfg.model_dump(mode="json"),
     }
-
-
-def _untrained_config(cfg: TrainConfig, module) -> dict:
-    return {"format": "synth7t-model", "synth7t_version": __version__, "preset": cfg.preset,
-            "model": cfg.model.model_dump(mode="json"), "n_slices": cfg.model.in_slices,
-            "voxel_size_mm": [0.65, 0.65, 0.65], "multiple": cfg.model.downsample_factor,
-            "normalization": {"method": "clipped_minmax", "lower_pct": 1.0, "upper_pct": 99.0},
-            "perceptual": "none", "gan": cfg.is_gan, "training_data": {"untrained": True},
-            "parameters": int(sum(p.numel() for p in module.parameters()))}
 
 
 def store_voxel_size(store) -> list[float]:

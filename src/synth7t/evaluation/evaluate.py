@@ -79,12 +79,9 @@ def evaluate(
         affine = _subject_affine(store, s)
         stacks = {k: np.asarray(store.array(s, k), np.float32) for k in ("t3", "t7", "mask")}
         cov = {"age": info.get("age"), "sex": info.get("sex"), "group": info.get("group")}
-        pred, _ = predictor.predict_stack(stacks["t3"], **cov)
-        pred *= stacks["mask"] > 0
         full = {k: uncrop(v, geom) for k, v in stacks.items()}
-        full["pred"] = uncrop(pred.astype(np.float32), geom)
+        full["pred"] = _predict_full(predictor, stacks, cov, geom)
         min_slice = int(info.get("min_slice", 0)) + geom.box[2][0]
-        zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
         recs = evaluate_subject(
             s,
             Volume(full["t3"], affine),
@@ -97,16 +94,9 @@ def evaluate(
             zooms_lowres=(1.0, 1.0, 1.0),
         )
         for name, extra in extras.items():
-            p2, _ = extra.predict_stack(stacks["t3"], **cov)
             rec = {"subject": s, "method": name, "group": info.get("group")}
-            rec.update(
-                compute_metrics(
-                    full["t7"],
-                    uncrop((p2 * (stacks["mask"] > 0)).astype(np.float32), geom),
-                    full["mask"] > 0,
-                    min_slice=min_slice,
-                )
-            )
+            pred_extra = _predict_full(extra, stacks, cov, geom)
+            rec.update(compute_metrics(full["t7"], pred_extra, full["mask"] > 0, min_slice=min_slice))
             recs.append(rec)
         records += recs
         images[s] = _save_subject(out / "volumes", s, full, affine)
@@ -115,7 +105,7 @@ def evaluate(
             s,
             *(next(r["psnr_brain"] for r in recs if r["method"] == m) for m in ("model", "t3_input")),
         )
-        del stacks, full, pred, zooms
+        del stacks, full
     cfg = predictor.config
     extra_info = {
         "model": f"{Path(model_dir).name} (preset {cfg.get('preset')}, {cfg.get('parameters', '?')} parameters)",
@@ -126,6 +116,14 @@ def evaluate(
     index = write_report(out, records, images, title="synth7t evaluation", extra_info=extra_info)
     log.info("report: %s", index)
     return index
+
+
+def _predict_full(predictor, stacks: dict, cov: dict, geom) -> np.ndarray:
+    """A model's prediction of one subject's packed 3T stack, inside the brain, on the subject's full grid."""
+    from synth7t.dataset.pack import uncrop
+
+    pred, _ = predictor.predict_stack(stacks["t3"], **cov)
+    return uncrop((pred * (stacks["mask"] > 0)).astype(np.float32), geom)
 
 
 def _save_subject(folder: Path, subject: str, full: dict, affine: np.ndarray) -> dict[str, Path]:
