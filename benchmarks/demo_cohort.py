@@ -1,7 +1,7 @@
 """Time to build the simulated demo cohort, and peak RAM.
 
 Reference (measured in the same run): loading the 0.5 mm template that every subject is made from — the floor
-of what building a cohort costs. Prints the one-off set-up (template crop + PSF-blurred tissue memberships),
+of what building a cohort costs. Prints the one-off set-up (template crop + shock-filter sharpening),
 the median seconds per subject over ``--subjects`` subjects, their ratio to the reference, and peak RSS.
 
     python benchmarks/demo_cohort.py [--subjects 4]
@@ -49,7 +49,7 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     ref_s = statistics.median(ref)
     print(f"reference: load the 0.5 mm template        {ref_s:6.2f} s (median of 3)")
-    print(f"set-up: crop + blurred memberships          {setup:6.2f} s (once per cohort)")
+    print(f"set-up: crop + sharpened template           {setup:6.2f} s (once per cohort)")
     print(f"per subject (simulate + write both images)  {statistics.median(per):6.2f} s "
           f"(median of {args.subjects}; {statistics.median(per) / ref_s:.1f}x the reference)")
     print(f"10-subject demo cohort, estimated            {setup + ref_s + 10 * statistics.median(per):6.1f} s")

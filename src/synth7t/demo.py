@@ -1,24 +1,39 @@
 """The embedded demo cohort: simulated 3T/7T pairs made from real anatomy that ships in a dependency.
 
 No paired 3T/7T scans can be distributed with a tool, so ``synth7t demo`` simulates them. The anatomy is the
-0.5 mm skull-stripped T1 template of the ``deepmriprep`` wheel (MIT). Each subject is made as follows (all
-randomness from one seed, so a cohort is reproducible bit for bit):
+0.5 mm skull-stripped T1 template of the ``deepmriprep`` wheel (MIT). A model trained on one simulator learns
+that simulator; so every subject's anatomy and 3T physics are *drawn from ranges* (documented in
+:class:`DemoSpec`), while the 7T-like target keeps one fixed physics, the domain we synthesize. All randomness
+comes from one seed, so a cohort is reproducible bit for bit.
 
-1. **Anatomy.** The template is warped by a random smooth *diffeomorphic* deformation (a stationary velocity
-   field, Gaussian-smoothed, integrated by scaling and squaring) and a random global affine (rotation, scaling,
-   translation). Soft tissue memberships (CSF/GM/WM) come from the template's intensities.
-2. **Contrast.** Each tissue gets a subject-specific intensity (GM/WM contrast lower with age); the "7T" contrast
-   separates GM and WM more than the "3T" one (CSF 0.10 / GM 0.42 / WM 0.88 vs 0.16 / 0.50 / 0.76, jittered).
-3. **7T-like image** at 0.65 mm: a smooth multiplicative bias field that brightens the centre (the typical 7T
-   transmit-field profile, thesis fig. 5, which preprocessing must remove) and low Rician noise. Some subjects
-   get a *corrupted inferior region* (signal drop-out over the cerebellum, thesis fig. 9), one may get strong
-   *motion stripes* (thesis fig. 11).
-4. **3T-like image**, derived from the same anatomy by a physically motivated degradation: the subject is
-   repositioned (a different rigid pose, as in a separate session), the 3T contrast is used, the image is
-   blurred by the acquisition PSF (Gaussian, FWHM 1.2 mm; applied to the tissue memberships in template space,
-   which equals blurring the image since the contrast is linear in them) and sampled on a 1 mm grid (resolution loss), a
-   milder smooth bias field and Rician noise (SNR lower than at 7T) are applied, and some subjects get mild
-   motion-like stripes (ghosting of a few k-space lines).
+Anatomy (one "anatomy map" ``a`` on the template's intensity scale: CSF ~0.25, GM ~0.75, deep GM ~0.85,
+WM ~0.98; :data:`ANATOMY_ANCHORS`):
+
+1. **Sharper than a population average.** The template is an average of many brains, blurrier than one
+   person. Once per cohort it is sharpened by a shock filter (Osher & Rudin 1990; a few steps of
+   ``u -= dt sign(LoG u) |grad u|``, which steepens edges without overshoot and keeps plateaus such as the deep
+   grey matter), then smoothed by 0.3 mm: boundaries about as sharp as a 0.65 mm acquisition of one person.
+2. **Per subject:** a random smooth *diffeomorphic* warp (stationary velocity field integrated by scaling and
+   squaring) and a random affine, a left-right flip (probability ``p_flip_lr``), age-dependent atrophy (a
+   radial expansion of the ventricles and a widening of sulci: partial-volume voxels between CSF and GM are
+   pushed towards CSF), and a random multiplicative tissue texture (Gaussian random fields smoothed by 1 mm and
+   by 4 mm) in the subject's own anatomy, so that 7T and 3T of a subject share it and the 3T shows it blurred.
+
+Images are rendered from ``a`` with a monotone contrast curve (piecewise linear through the tissue anchors,
+:func:`contrast_curve`), in anatomical space, before any blur:
+
+3. **7T-like image** (fixed physics): 0.65 mm, contrast CSF 0.10 / GM 0.42 / WM 0.88 (GM/WM gap shrinking
+   slightly with age), a smooth central bias field (7T transmit profile, thesis fig. 5; preprocessing removes
+   it), Rician noise at SNR 60. Some subjects get a *corrupted inferior region* (signal drop-out over the
+   cerebellum, thesis fig. 9); one gets strong *motion stripes* (thesis fig. 11; QC should reject it).
+4. **3T-like image** (physics drawn per subject, :class:`Physics3T`): another head pose (a separate session),
+   random tissue values and a gamma-like curve, rendered on a 0.6 mm grid in the 3T frame, blurred by an
+   anisotropic Gaussian PSF (in-plane and through-plane FWHM drawn separately, through-plane along a random
+   axis), sampled on a grid of random, possibly anisotropic voxel size, multiplied by a random smooth bias field,
+   optionally given Gibbs ringing (k-space truncation) and motion stripes, and Rician or Gaussian noise.
+
+:func:`render_pair` renders any anatomy map with these physics; :mod:`synth7t.transfer` uses it to degrade
+real high-resolution brains by 3T recipes drawn outside the training ranges.
 
 To fit the time budget of the whole demo chain on a 2-core laptop, each subject covers an axial *slab* of the
 brain (``slab_mm``, by default 40 mm from the upper cerebellum to the lateral ventricles) rather than the whole
@@ -28,7 +43,8 @@ brain. Everything here is SIMULATED DATA: it is for trying the tool, not for any
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,32 +61,120 @@ SIMULATED_NOTE = (
     "template (MIT). They are not scans of real people and must not be used for any scientific or clinical claim.\n"
 )
 
+# Tissue positions on the anatomy scale (the template's intensity / its maximum; read off its histogram and
+# off the ventricles / cortex / white matter): CSF, GM, WM.
+ANATOMY_ANCHORS = (0.25, 0.75, 0.98)
+TISSUE_7T = (0.10, 0.42, 0.88)  # 7T-like values of CSF, GM, WM (fixed: the domain we synthesize)
+
+Range = tuple[float, float]
+
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """Size and physics of the demo cohort."""
+    """Size, anatomy variety and physics of the demo cohort. Ranges are ``(low, high)``, drawn uniformly.
+
+    3T physics ranges (each subject draws one :class:`Physics3T` from them):
+
+    * ``voxel_3t_inplane_mm`` / ``voxel_3t_through_mm``: voxel size in-plane and along the through-plane axis
+      (one of the three axes, drawn); anisotropic voxels arise when the two differ.
+    * ``psf_inplane_mm`` / ``psf_through_mm``: FWHM of the Gaussian point-spread function.
+    * ``csf_3t``, ``gm_3t``, ``wm_3t``: tissue values (WM - GM >= ``min_gm_wm_gap_3t``); ``gamma_3t``: exponent
+      of the gamma-like curve applied after the piecewise-linear tissue map.
+    * ``bias_3t``: strength of the smooth multiplicative bias field (0.3 = the field spans about +-30 %).
+    * ``noise_3t_pct``: noise sigma in % of the WM value; Rician with probability ``p_rician_3t``, else Gaussian.
+    * ``p_ringing_3t`` with ``ringing_cutoff_3t`` (fraction of the k-space kept along one axis), ``p_stripes_3t``
+      (mild motion stripes).
+
+    The 7T physics is fixed: ``voxel_7t``, :data:`TISSUE_7T`, central bias field, Rician noise at ``snr_7t``.
+    """
 
     n_subjects: int = 10
     seed: int = 0
     voxel_7t: float = 0.65  # mm
-    voxel_3t: float = 1.0  # mm
     slab_mm: float = 40.0  # axial extent of the simulated field of view
     slab_center_z: float = -8.0  # world z (template/MNI mm) of the slab centre
     fov_xy_mm: tuple[float, float] = (150.0, 184.0)  # in-plane field of view of the 7T grid
-    warp_mm: float = 2.5  # typical displacement of the random diffeomorphism
-    rotation_deg: float = 4.0
-    scale_pct: float = 4.0
+    # anatomy
+    warp_mm: float = 4.0  # typical displacement of the random diffeomorphism
+    rotation_deg: float = 6.0
+    scale_pct: float = 6.0
     translation_mm: float = 3.0
-    psf_fwhm_mm: float = 1.2  # 3T acquisition point-spread function
-    snr_7t: float = 60.0  # WM signal / noise sigma
-    snr_3t: float = 25.0
-    p_corrupt_cerebellum: float = 0.25
+    p_flip_lr: float = 0.5
+    atrophy: float = 1.0  # strength of the age-dependent atrophy (0: none); full effect at age 85
+    texture_pct: tuple[float, float] = (1.0, 3.0)  # std of the tissue texture (1 mm scale), % of the anatomy
+    sharpen: bool = True
+    # 3T physics ranges
+    voxel_3t_inplane_mm: Range = (0.8, 1.3)
+    voxel_3t_through_mm: Range = (0.8, 1.3)
+    psf_inplane_mm: Range = (0.9, 1.8)
+    psf_through_mm: Range = (0.9, 1.8)
+    csf_3t: Range = (0.08, 0.25)
+    gm_3t: Range = (0.38, 0.62)
+    wm_3t: Range = (0.70, 0.92)
+    min_gm_wm_gap_3t: float = 0.12
+    gamma_3t: Range = (0.7, 1.4)
+    bias_3t: Range = (0.0, 0.3)
+    noise_3t_pct: Range = (1.0, 6.0)
+    p_rician_3t: float = 0.5
+    p_ringing_3t: float = 0.2
+    ringing_cutoff_3t: Range = (0.6, 0.85)
     p_stripes_3t: float = 0.2
+    # 7T physics (fixed) and 7T events
+    snr_7t: float = 60.0  # WM signal / noise sigma
+    p_corrupt_cerebellum: float = 0.25
     motion_subject: int | None = 3  # index of a subject with heavy 7T motion stripes (QC should reject it)
 
 
-TISSUE_7T = np.array([0.10, 0.42, 0.88])  # CSF, GM, WM
-TISSUE_3T = np.array([0.16, 0.50, 0.76])
+@dataclass(frozen=True)
+class Physics3T:
+    """One draw of 3T acquisition physics (all lengths in mm; ``through_axis`` is 0, 1 or 2 of the RAS grid)."""
+
+    voxel_inplane: float
+    voxel_through: float
+    through_axis: int
+    psf_inplane: float
+    psf_through: float
+    tissue: tuple[float, float, float]  # CSF, GM, WM values
+    gamma: float
+    bias: float
+    noise_pct: float
+    rician: bool
+    ringing_cutoff: float | None  # None: no ringing
+    stripes: bool
+
+    @property
+    def voxel(self) -> np.ndarray:
+        v = np.full(3, self.voxel_inplane)
+        v[self.through_axis] = self.voxel_through
+        return v
+
+    @property
+    def psf_fwhm(self) -> np.ndarray:
+        f = np.full(3, self.psf_inplane)
+        f[self.through_axis] = self.psf_through
+        return f
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def draw_physics_3t(rng: np.random.Generator, spec: DemoSpec) -> Physics3T:
+    """Draw one subject's 3T physics from the ranges of ``spec`` (see :class:`DemoSpec`)."""
+
+    def u(r: Range) -> float:
+        return float(rng.uniform(*r))
+
+    csf, gm = u(spec.csf_3t), u(spec.gm_3t)
+    wm_lo = max(spec.wm_3t[0], gm + spec.min_gm_wm_gap_3t)  # <= wm_3t[1] unless the spec's ranges contradict
+    wm = u((wm_lo, max(wm_lo, spec.wm_3t[1])))
+    return Physics3T(
+        voxel_inplane=u(spec.voxel_3t_inplane_mm), voxel_through=u(spec.voxel_3t_through_mm),
+        through_axis=int(rng.integers(3)), psf_inplane=u(spec.psf_inplane_mm), psf_through=u(spec.psf_through_mm),
+        tissue=(csf, gm, wm), gamma=u(spec.gamma_3t), bias=u(spec.bias_3t), noise_pct=u(spec.noise_3t_pct),
+        rician=bool(rng.random() < spec.p_rician_3t),
+        ringing_cutoff=u(spec.ringing_cutoff_3t) if rng.random() < spec.p_ringing_3t else None,
+        stripes=bool(rng.random() < spec.p_stripes_3t),
+    )
 
 
 def template_path() -> Path:
@@ -80,29 +184,48 @@ def template_path() -> Path:
 
 
 def load_template() -> Volume:
-    """The 0.5 mm skull-stripped template, intensities scaled to [0, 1]."""
+    """The 0.5 mm skull-stripped template, intensities scaled to [0, 1] (the anatomy scale)."""
     from synth7t.io import load_volume
 
     vol = load_volume(template_path())
     return vol.with_data(vol.data / float(vol.data.max()))
 
 
-def tissue_memberships(t: np.ndarray) -> np.ndarray:
-    """Soft CSF/GM/WM memberships (3, ...) of template intensities in [0, 1].
-
-    Logistic transitions at the CSF/GM and GM/WM boundaries of the template's histogram (0.38 and 0.68 of the
-    maximum; read off its three modes). Background (t == 0) has zero membership everywhere.
-    """
-    gm_or_wm = 1.0 / (1.0 + np.exp(-(t - 0.38) / 0.04))
-    wm = 1.0 / (1.0 + np.exp(-(t - 0.68) / 0.04))
-    brain = (t > 0.02).astype(np.float32)
-    return np.stack([(1 - gm_or_wm) * brain, (gm_or_wm - wm) * brain, wm * brain]).astype(np.float32)
+# ---------------------------------------------------------------------------------------------------------
+# contrast
 
 
-def _grid(shape: tuple[int, int, int], voxel: float, center: np.ndarray) -> np.ndarray:
-    """Affine of an axis-aligned RAS grid of ``shape`` voxels of ``voxel`` mm centred on ``center``."""
-    aff = np.diag([voxel, voxel, voxel, 1.0])
-    aff[:3, 3] = center - voxel * (np.asarray(shape) - 1) / 2.0
+def contrast_curve(a: np.ndarray, tissue: tuple[float, float, float], gamma: float = 1.0,
+                   anchors: tuple[float, float, float] = ANATOMY_ANCHORS) -> np.ndarray:
+    """Image intensity of anatomy values ``a``: monotone, piecewise linear through ``(0, 0)`` and
+    ``(anchors[k], tissue[k])``, continued beyond WM with the GM->WM slope, then ``W * (x / W) ** gamma``
+    (``W`` = the WM value). Increasing whenever ``tissue`` is, for any ``gamma > 0``."""
+    xs = np.array([0.0, *anchors, 2.0])
+    slope = (tissue[2] - tissue[1]) / (anchors[2] - anchors[1])
+    ys = np.array([0.0, *tissue, tissue[2] + slope * (2.0 - anchors[2])])
+    out = np.interp(np.asarray(a, np.float32), xs, ys).astype(np.float32)
+    if gamma != 1.0:
+        w = np.float32(tissue[2])
+        out = w * np.power(np.maximum(out, 0) / w, np.float32(gamma))
+    return out
+
+
+def age_tissue(tissue: tuple[float, float, float], age: float, rng: np.random.Generator) -> tuple[float, ...]:
+    """Tissue values of a subject: jittered by 1.5 %, GM/WM gap shrinking by 0.4 % per year over 70."""
+    t = np.asarray(tissue, float) + rng.normal(0, 0.015, 3)
+    t[2] = t[1] + (t[2] - t[1]) * (1 - 0.004 * (age - 70))
+    return tuple(float(v) for v in t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# geometry helpers
+
+
+def _grid(shape: tuple[int, int, int], voxel, center: np.ndarray) -> np.ndarray:
+    """Affine of an axis-aligned RAS grid of ``shape`` voxels of ``voxel`` mm (scalar or 3) centred on ``center``."""
+    v = np.broadcast_to(np.asarray(voxel, float), (3,))
+    aff = np.diag([*v, 1.0])
+    aff[:3, 3] = center - v * (np.asarray(shape) - 1) / 2.0
     return aff
 
 
@@ -114,14 +237,15 @@ def _rotation(angles_deg: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _random_affine(rng: np.random.Generator, spec: DemoSpec, center: np.ndarray) -> np.ndarray:
+def _random_affine(rng: np.random.Generator, rotation_deg: float, scale_pct: float, translation_mm: float,
+                   center: np.ndarray) -> np.ndarray:
     """World -> world affine (4x4) about ``center``: rotation, anisotropic scale, translation."""
-    rot = _rotation(rng.uniform(-spec.rotation_deg, spec.rotation_deg, 3))
-    scale = np.diag(1 + rng.uniform(-spec.scale_pct, spec.scale_pct, 3) / 100)
+    rot = _rotation(rng.uniform(-rotation_deg, rotation_deg, 3))
+    scale = np.diag(1 + rng.uniform(-scale_pct, scale_pct, 3) / 100)
     lin = rot @ scale
     out = np.eye(4)
     out[:3, :3] = lin
-    out[:3, 3] = center - lin @ center + rng.uniform(-spec.translation_mm, spec.translation_mm, 3)
+    out[:3, 3] = center - lin @ center + rng.uniform(-translation_mm, translation_mm, 3)
     return out
 
 
@@ -146,7 +270,103 @@ def _integrate(v: np.ndarray, spacing: float, steps: int = 5) -> np.ndarray:
     return disp
 
 
-def _warp_sampler(rng: np.random.Generator, spec: DemoSpec, center: np.ndarray):
+def _grid_points(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+    idx = np.indices(shape, dtype=np.float32).reshape(3, -1).T
+    return idx @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+
+
+def _sample(vol: Volume, world: np.ndarray, order: int = 1) -> np.ndarray:
+    """Values of ``vol`` at (N, 3) world points (spline ``order``, 0 outside)."""
+    from scipy.ndimage import map_coordinates
+
+    inv = np.linalg.inv(vol.affine)
+    ijk = (world @ inv[:3, :3].T.astype(np.float32) + inv[:3, 3].astype(np.float32)).T
+    return map_coordinates(vol.data, ijk, order=order, mode="constant", cval=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# anatomy
+
+
+def shock_sharpen(u: np.ndarray, steps: int = 6, dt: float = 0.25, sigma: float = 2.0,
+                  smooth: float = 0.6) -> np.ndarray:
+    """Osher-Rudin shock filter: ``u -= dt * sign(LoG_sigma(u)) * |grad u|`` (minmod upwind gradient), ``steps``
+    times, then a Gaussian of ``smooth`` voxels. Steepens edges, keeps plateaus, creates no overshoot."""
+    from scipy import ndimage
+
+    u = np.asarray(u, np.float32).copy()
+    for _ in range(steps):
+        sign = np.sign(ndimage.gaussian_laplace(u, sigma))
+        g2 = np.zeros_like(u)
+        for ax in range(u.ndim):
+            fwd = np.roll(u, -1, ax) - u
+            bwd = u - np.roll(u, 1, ax)
+            mm = np.where(fwd * bwd > 0, np.minimum(np.abs(fwd), np.abs(bwd)), 0)
+            g2 += mm * mm
+        u -= np.float32(dt) * sign * np.sqrt(g2)
+    return ndimage.gaussian_filter(u, smooth) if smooth > 0 else u
+
+
+def widen_sulci(a: np.ndarray, strength: float, anchors=ANATOMY_ANCHORS) -> np.ndarray:
+    """Push CSF/GM partial-volume values towards CSF: on ``[csf, gm]``, ``csf + (gm - csf) s**(1 + strength)``
+    with ``s`` the position in the interval (monotone; CSF and GM plateaus unchanged). Sulci look wider."""
+    if strength <= 0:
+        return a
+    lo, hi = anchors[0], anchors[1]
+    s = np.clip((a - lo) / (hi - lo), 0, 1)
+    inside = (a > lo) & (a < hi)
+    out = a.copy()
+    out[inside] = lo + (hi - lo) * s[inside] ** (1 + strength)
+    return out
+
+
+@dataclass
+class Anatomy:
+    """The template cropped around the slab (sharpened), and where its ventricles are."""
+
+    template: Volume
+    ventricle_center: np.ndarray  # world mm
+
+    @classmethod
+    def build(cls, spec: DemoSpec, margin_mm: float = 25.0) -> Anatomy:
+        t = load_template()
+        z_world = t.affine[2, 3] + t.affine[2, 2] * np.arange(t.shape[2])
+        keep = np.flatnonzero(np.abs(z_world - spec.slab_center_z) <= spec.slab_mm / 2 + margin_mm)
+        aff = t.affine.copy()
+        aff[:3, 3] = t.affine[:3, :3] @ np.array([0, 0, keep[0]]) + t.affine[:3, 3]
+        data = np.ascontiguousarray(t.data[:, :, keep[0] : keep[-1] + 1], dtype=np.float32)
+        if spec.sharpen:
+            brain = data > 0.02
+            data = np.clip(shock_sharpen(data), 0, 1) * brain
+        template = Volume(data, aff)
+        # ventricles: CSF-valued voxels near the brain centre
+        xyz = _grid_points(data.shape, aff).reshape(*data.shape, 3)
+        box = (np.abs(xyz[..., 0]) < 20) & (xyz[..., 1] > -40) & (xyz[..., 1] < 20) & (xyz[..., 2] > -10)
+        csf = box & (data > 0.02) & (data < (ANATOMY_ANCHORS[0] + ANATOMY_ANCHORS[1]) / 2)
+        center = xyz[csf].mean(0) if csf.any() else np.array([0.0, -10.0, 10.0])
+        return cls(template, center.astype(np.float64))
+
+    def subject(self, rng: np.random.Generator, spec: DemoSpec, age: float) -> tuple[Volume, dict]:
+        """One subject's anatomy map (atrophy remap and tissue texture applied) and what was drawn."""
+        from scipy.ndimage import gaussian_filter, zoom
+
+        a = self.template.data
+        strength = spec.atrophy * float(np.clip((age - 55) / 30, 0, 1))
+        a = widen_sulci(a, 1.5 * strength)
+        fine_pct = float(rng.uniform(*spec.texture_pct))
+        fine = gaussian_filter(rng.standard_normal(a.shape, dtype=np.float32), 2.0)
+        fine *= np.float32(fine_pct / 100 / (fine.std() + 1e-8))
+        coarse_shape = tuple(max(2, s // 8) for s in a.shape)
+        coarse = gaussian_filter(rng.standard_normal(coarse_shape, dtype=np.float32), 1.0)
+        coarse = zoom(coarse, np.asarray(a.shape) / np.asarray(coarse_shape), order=1, grid_mode=True, mode="nearest")
+        coarse *= np.float32(0.5 * fine_pct / 100 / (coarse.std() + 1e-8))
+        a = a * (1 + fine + coarse)
+        drawn = {"atrophy": round(strength, 3), "texture_pct": round(fine_pct, 3)}
+        return Volume(a.astype(np.float32), self.template.affine), drawn
+
+
+def _warp_sampler(rng: np.random.Generator, spec: DemoSpec, center: np.ndarray, ventricles: np.ndarray,
+                  ventricle_scale: float, flip: bool) -> Callable[[np.ndarray], np.ndarray]:
     """A function mapping world points (N, 3) of the subject to template world points (N, 3)."""
     from scipy.ndimage import map_coordinates
 
@@ -154,48 +374,51 @@ def _warp_sampler(rng: np.random.Generator, spec: DemoSpec, center: np.ndarray):
     shape = (24, 28, 24)  # 192 x 224 x 192 mm around the brain centre
     origin = center - coarse_spacing * (np.asarray(shape) - 1) / 2
     disp = _integrate(_velocity_field(rng, shape, spec.warp_mm), coarse_spacing)
-    affine = _random_affine(rng, spec, center)
+    affine = _random_affine(rng, spec.rotation_deg, spec.scale_pct, spec.translation_mm, center)
+    vc = ventricles.astype(np.float32)
 
     def sample(xyz: np.ndarray) -> np.ndarray:
-        p = xyz @ affine[:3, :3].T + affine[:3, 3]
-        c = ((p - origin) / coarse_spacing).T
-        d = np.stack([map_coordinates(comp, c, order=1, mode="nearest") for comp in disp], axis=1)
-        return p + d
+        p = xyz @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+        c = ((p - origin.astype(np.float32)) / coarse_spacing).T
+        p = p + np.stack([map_coordinates(comp, c, order=1, mode="nearest") for comp in disp], axis=1)
+        if ventricle_scale > 0:  # radial contraction towards the ventricles: they look larger in the subject
+            d = p - vc
+            w = np.exp(-(d * d).sum(1, keepdims=True) / np.float32(2 * 18.0**2))
+            p = vc + d * (1 - np.float32(ventricle_scale) * w)
+        if flip:
+            p[:, 0] = -p[:, 0]
+        return p
 
     return sample
 
 
-def _sample_template(template: Volume, world: np.ndarray, order: int = 1) -> np.ndarray:
-    from scipy.ndimage import map_coordinates
-
-    inv = np.linalg.inv(template.affine)
-    ijk = (world @ inv[:3, :3].T + inv[:3, 3]).T
-    return map_coordinates(template.data, ijk, order=order, mode="constant", cval=0.0)
-
-
-def _grid_points(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
-    idx = np.indices(shape, dtype=np.float32).reshape(3, -1).T
-    return idx @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+# ---------------------------------------------------------------------------------------------------------
+# physics
 
 
 def _bias_field(shape: tuple[int, int, int], affine: np.ndarray, center: np.ndarray, strength: float,
                 rng: np.random.Generator, central: bool) -> np.ndarray:
-    """Smooth multiplicative field: a central brightening (7T B1+ profile) or a random low-order polynomial."""
+    """Smooth multiplicative field: a central brightening (7T B1+ profile) or a random smooth field spanning
+    about ``1 +- strength`` (exp of a random second-order polynomial, normalised to that span)."""
     xyz = _grid_points(shape, affine).reshape(*shape, 3) - center
     if central:
         r2 = (xyz**2).sum(-1) / (70.0**2)
         tilt = xyz @ rng.uniform(-1, 1, 3) / 300.0
         field = 1 + strength * (np.exp(-r2) - 0.5) + strength * tilt
-    else:
-        c = rng.uniform(-1, 1, 6)
-        x, y, z = (xyz[..., i] / 90.0 for i in range(3))
-        field = 1 + strength * (c[0] * x + c[1] * y + c[2] * z + c[3] * x * y + c[4] * x**2 - c[5] * y**2) / 2
-    return np.clip(field, 0.3, 3.0).astype(np.float32)
+        return np.clip(field, 0.3, 3.0).astype(np.float32)
+    c = rng.uniform(-1, 1, 9)
+    x, y, z = (xyz[..., i] / 90.0 for i in range(3))
+    log_b = c[0] * x + c[1] * y + c[2] * z + c[3] * x * y + c[4] * y * z + c[5] * x * z + c[6] * x * x \
+        + c[7] * y * y + c[8] * z * z
+    span = float(np.abs(log_b).max()) or 1.0
+    return np.exp(log_b * np.float32(np.log1p(strength) / span)).astype(np.float32)
 
 
-def _rician(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Magnitude of the signal plus complex Gaussian noise: Rician-distributed, as in a real magnitude image."""
+def _noise(img: np.ndarray, sigma: float, rng: np.random.Generator, rician: bool = True) -> np.ndarray:
+    """Rician (magnitude of signal + complex Gaussian noise) or Gaussian noise of ``sigma``."""
     re = img + rng.normal(0, sigma, img.shape).astype(np.float32)
+    if not rician:
+        return np.maximum(re, 0)
     im = rng.normal(0, sigma, img.shape).astype(np.float32)
     return np.sqrt(re * re + im * im)
 
@@ -211,6 +434,19 @@ def _stripes(img: np.ndarray, rng: np.random.Generator, n_lines: int, strength: 
     return out.astype(np.float32)
 
 
+def _ringing(img: np.ndarray, axis: int, keep: float) -> np.ndarray:
+    """Gibbs ringing: keep the central ``keep`` fraction of k-space along ``axis`` (hard cut-off)."""
+    k = np.fft.fftshift(np.fft.fft(img, axis=axis), axes=axis)
+    n = img.shape[axis]
+    half = max(1, int(round(n * keep / 2)))
+    window = np.zeros(n, np.float32)
+    window[n // 2 - half : n // 2 + half] = 1
+    shape = [1, 1, 1]
+    shape[axis] = n
+    k *= window.reshape(shape)
+    return np.abs(np.fft.ifft(np.fft.ifftshift(k, axes=axis), axis=axis)).astype(np.float32)
+
+
 def _dropout(img: np.ndarray, affine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Signal drop-out over the inferior-posterior (cerebellar) part of the slab (thesis fig. 9)."""
     shape = img.shape
@@ -223,88 +459,108 @@ def _dropout(img: np.ndarray, affine: np.ndarray, rng: np.random.Generator) -> n
     return (img * factor).astype(np.float32)
 
 
-def _contrast(memberships: np.ndarray, tissue: np.ndarray, rng: np.random.Generator, age: float) -> np.ndarray:
-    """Image from memberships and tissue intensities; GM/WM contrast falls slightly with age."""
-    t = tissue + rng.normal(0, 0.015, 3)
-    gap = (t[2] - t[1]) * (1 - 0.004 * (age - 70))
-    t[2] = t[1] + gap
-    return np.tensordot(t.astype(np.float32), memberships, axes=1)
-
-
 def _to_int16(img: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.rint(img * scale), 0, 32767).astype(np.int16)
 
 
-@dataclass
-class Anatomy:
-    """The template cropped around the slab, and its PSF-blurred tissue memberships (for the 3T images)."""
+RENDER_SPACING_3T = 0.6  # mm: the 3T is rendered and blurred on this grid before sampling
 
-    template: Volume
-    blurred: np.ndarray  # (3, X, Y, Z) float32
 
-    @classmethod
-    def build(cls, spec: DemoSpec, margin_mm: float = 25.0) -> Anatomy:
-        from scipy.ndimage import gaussian_filter
+def render_7t(anatomy: Callable[[np.ndarray], np.ndarray], shape: tuple[int, int, int], affine: np.ndarray,
+              tissue: tuple[float, float, float], center: np.ndarray, rng: np.random.Generator, *, snr: float,
+              dropout: bool = False, motion: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(7T-like image, clean image) on the grid (``shape``, ``affine``); ``anatomy`` maps world points to ``a``."""
+    a = anatomy(_grid_points(shape, affine)).reshape(shape)
+    clean = contrast_curve(a, tissue) * (a > 0.01)
+    img = clean * _bias_field(shape, affine, center, 0.6, rng, central=True)
+    if dropout:
+        img = _dropout(img, affine, rng)
+    if motion:
+        img = _stripes(img, rng, n_lines=12, strength=1.5)
+    return _noise(img, tissue[2] / snr, rng), clean
 
-        t = load_template()
-        z_world = t.affine[2, 3] + t.affine[2, 2] * np.arange(t.shape[2])
-        keep = np.flatnonzero(np.abs(z_world - spec.slab_center_z) <= spec.slab_mm / 2 + margin_mm)
-        aff = t.affine.copy()
-        aff[:3, 3] = t.affine[:3, :3] @ np.array([0, 0, keep[0]]) + t.affine[:3, 3]
-        template = Volume(np.ascontiguousarray(t.data[:, :, keep[0] : keep[-1] + 1]), aff)
-        sigma_vox = spec.psf_fwhm_mm / 2.3548 / template.zooms
-        memb = tissue_memberships(template.data)
-        blurred = np.stack([gaussian_filter(m, sigma_vox) for m in memb]).astype(np.float32)
-        return cls(template, blurred)
 
-    def sample_blurred(self, world: np.ndarray) -> np.ndarray:
-        """(3, N) blurred memberships at (N, 3) world points (linear interpolation, 0 outside)."""
-        return np.stack([_sample_template(Volume(m, self.template.affine), world) for m in self.blurred])
+def render_3t(anatomy: Callable[[np.ndarray], np.ndarray], shape: tuple[int, int, int], affine: np.ndarray,
+              physics: Physics3T, center: np.ndarray, pose: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """3T-like image on the grid (``shape``, ``affine``), the head in ``pose`` (world -> world, 4x4).
+
+    The anatomy is rendered with the 3T contrast on a ``RENDER_SPACING_3T`` grid covering the same field of
+    view, blurred by the anisotropic Gaussian PSF, sampled (linearly) at the grid's voxel centres; then bias
+    field, optional ringing and stripes, and noise.
+    """
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    voxel = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    extent = np.asarray(shape) * voxel  # mm
+    fine_shape = tuple(int(np.ceil(e / RENDER_SPACING_3T)) for e in extent)
+    fine_aff = _grid(fine_shape, RENDER_SPACING_3T, affine[:3, :3] @ ((np.asarray(shape) - 1) / 2) + affine[:3, 3])
+    pts = _grid_points(fine_shape, fine_aff)
+    pts = pts @ pose[:3, :3].T.astype(np.float32) + pose[:3, 3].astype(np.float32)
+    a = anatomy(pts).reshape(fine_shape)
+    img = contrast_curve(a, physics.tissue, physics.gamma) * (a > 0.01)
+    sigma = physics.psf_fwhm / 2.3548 / RENDER_SPACING_3T
+    img = gaussian_filter(img, sigma, mode="constant")
+    # voxel centres of the target grid in fine-grid voxel coordinates
+    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    to_fine = np.linalg.inv(fine_aff) @ affine
+    coords = to_fine[:3, :3].astype(np.float32) @ ijk + to_fine[:3, 3:4].astype(np.float32)
+    img = map_coordinates(img, coords, order=1, mode="nearest").reshape(shape).astype(np.float32)
+    img *= _bias_field(shape, affine, center, physics.bias, rng, central=False)
+    if physics.ringing_cutoff is not None:
+        img = _ringing(img, physics.through_axis, physics.ringing_cutoff)
+    if physics.stripes:
+        img = _stripes(img, rng, n_lines=4, strength=0.25)  # mild: QC must not reject the subject for it
+    return _noise(img, physics.noise_pct / 100 * physics.tissue[2], rng, physics.rician)
+
+
+def grids(spec: DemoSpec, physics: Physics3T, center: np.ndarray):
+    """(7T shape, 7T affine, 3T shape, 3T affine): the 3T grid covers the 7T one plus a margin (12 mm along z)
+    so that, despite another head pose, it covers the 7T brain."""
+    nz7 = int(round(spec.slab_mm / spec.voxel_7t))
+    shape7 = (int(round(spec.fov_xy_mm[0] / spec.voxel_7t)), int(round(spec.fov_xy_mm[1] / spec.voxel_7t)), nz7)
+    aff7 = _grid(shape7, spec.voxel_7t, center)
+    extent = np.asarray(shape7) * spec.voxel_7t + np.array([4, 4, 12])
+    shape3 = tuple(int(np.ceil(e / v)) for e, v in zip(extent, physics.voxel, strict=True))
+    aff3 = _grid(shape3, physics.voxel, center)
+    return shape7, aff7, shape3, aff3
+
+
+def render_pair(anatomy: Callable[[np.ndarray], np.ndarray], spec: DemoSpec, physics: Physics3T,
+                tissue_7t: tuple[float, float, float], center: np.ndarray, rng: np.random.Generator,
+                events: dict) -> dict:
+    """Render a (3T-like, 7T-like) pair of one anatomy: Volumes ``t3``, ``t7``, ``t7_clean`` (see module doc)."""
+    shape7, aff7, shape3, aff3 = grids(spec, physics, center)
+    img7, clean7 = render_7t(anatomy, shape7, aff7, tissue_7t, center, rng, snr=spec.snr_7t,
+                             dropout=events.get("corrupt_cerebellum", False), motion=events.get("motion_7t", False))
+    # voxel (i, j, k) of the 3T shows the anatomy at pose(aff3 @ ijk) but is saved at aff3 @ ijk: the head sits
+    # in another pose than in the 7T session, which coregistration must undo
+    pose = _random_affine(rng, 6.0, 0.0, 5.0, center)
+    img3 = render_3t(anatomy, shape3, aff3, physics, center, pose, rng)
+    return {"t7": Volume(_to_int16(img7, 3000.0).astype(np.float32), aff7),
+            "t3": Volume(_to_int16(img3, 1000.0).astype(np.float32), aff3),
+            "t7_clean": Volume(clean7, aff7)}
 
 
 def simulate_subject(anatomy: Anatomy, spec: DemoSpec, index: int, rng: np.random.Generator,
                      age: float) -> dict:
-    """Simulate one subject's (3T-like, 7T-like) pair; returns Volumes and what was injected."""
-    template = anatomy.template
+    """Simulate one subject's (3T-like, 7T-like) pair; returns Volumes and what was drawn and injected."""
     center = np.array([0.0, -18.0, spec.slab_center_z])
-    warp = _warp_sampler(rng, spec, center)
-    nz7 = int(round(spec.slab_mm / spec.voxel_7t))
-    shape7 = (int(round(spec.fov_xy_mm[0] / spec.voxel_7t)), int(round(spec.fov_xy_mm[1] / spec.voxel_7t)), nz7)
-    aff7 = _grid(shape7, spec.voxel_7t, center)
-    t_vals = _sample_template(template, warp(_grid_points(shape7, aff7))).reshape(shape7)
-    memb7 = tissue_memberships(t_vals)
-    clean7 = _contrast(memb7, TISSUE_7T, rng, age)
-    events = {"corrupt_cerebellum": bool(rng.random() < spec.p_corrupt_cerebellum),
-              "motion_7t": index == spec.motion_subject,
-              "stripes_3t": bool(rng.random() < spec.p_stripes_3t)}
-    img7 = clean7 * _bias_field(shape7, aff7, center, 0.6, rng, central=True)
-    if events["corrupt_cerebellum"]:
-        img7 = _dropout(img7, aff7, rng)
-    if events["motion_7t"]:
-        img7 = _stripes(img7, rng, n_lines=12, strength=1.5)
-    img7 = _rician(img7, TISSUE_7T[2] / spec.snr_7t, rng)
+    subject_anatomy, drawn = anatomy.subject(rng, spec, age)
+    flip = bool(rng.random() < spec.p_flip_lr)
+    ventricle_scale = 0.25 * drawn["atrophy"]
+    warp = _warp_sampler(rng, spec, center, anatomy.ventricle_center, ventricle_scale, flip)
 
-    # 3T session: another pose, the 3T contrast, PSF blur and 1 mm sampling. The PSF is applied to the tissue
-    # memberships in template space (once per cohort, see Anatomy); the contrast is linear in the memberships,
-    # so this equals blurring the 3T image, up to the small scaling of the subject's warp.
-    pose = _random_affine(rng, DemoSpec(rotation_deg=6.0, scale_pct=0.0, translation_mm=5.0), center)
-    # the 3T slab is 12 mm thicker than the 7T one so that, despite the other pose, it covers the 7T brain
-    extent = np.asarray(shape7) * spec.voxel_7t / spec.voxel_3t + np.array([4, 4, 12])
-    shape3 = tuple(int(np.ceil(e)) for e in extent)
-    aff3 = _grid(shape3, spec.voxel_3t, center)
-    pts = _grid_points(shape3, aff3)
-    pts = pts @ pose[:3, :3].T.astype(np.float32) + pose[:3, 3].astype(np.float32)
-    memb3 = anatomy.sample_blurred(warp(pts)).reshape(3, *shape3)
-    img3 = _contrast(memb3, TISSUE_3T, rng, age)
-    # voxel (i, j, k) shows the anatomy at pose(aff3 @ ijk) but is saved at aff3 @ ijk: the head sits in another
-    # pose than in the 7T session, which coregistration must undo
-    img3 = img3 * _bias_field(shape3, aff3, center, 0.25, rng, central=False)
-    if events["stripes_3t"]:
-        img3 = _stripes(img3, rng, n_lines=4, strength=0.5)
-    img3 = _rician(img3, TISSUE_3T[2] / spec.snr_3t, rng)
-    return {"t7": Volume(_to_int16(img7, 3000.0).astype(np.float32), aff7),
-            "t3": Volume(_to_int16(img3, 1000.0).astype(np.float32), aff3),
-            "t7_clean": Volume(clean7, aff7), "events": events}
+    def sample(world: np.ndarray) -> np.ndarray:
+        return _sample(subject_anatomy, warp(world))
+
+    physics = draw_physics_3t(rng, spec)
+    events = {"corrupt_cerebellum": bool(rng.random() < spec.p_corrupt_cerebellum),
+              "motion_7t": index == spec.motion_subject}
+    tissue7 = age_tissue(TISSUE_7T, age, rng)  # the 3T's tissue values are drawn at random anyway
+    out = render_pair(sample, spec, physics, tissue7, center, rng, events)
+    out["events"] = {**events, "stripes_3t": physics.stripes, "flip_lr": flip, **drawn,
+                     "physics_3t": physics.to_dict(), "tissue_7t": list(tissue7)}
+    return out
 
 
 def draw_covariates(rng: np.random.Generator) -> tuple[float, str, str]:
@@ -317,11 +573,13 @@ def draw_covariates(rng: np.random.Generator) -> tuple[float, str, str]:
 def build_demo_cohort(out: str | Path, spec: DemoSpec | None = None, *, progress: bool = True) -> Path:
     """Write ``spec.n_subjects`` simulated pairs and ``manifest.csv`` under ``out``; returns the manifest path.
 
-    Files: ``raw/demo-XX_3T.nii.gz`` (1 mm), ``raw/demo-XX_7T.nii.gz`` (0.65 mm), ``truth/demo-XX_7T_clean.nii.gz``
-    (the noise-, bias- and artefact-free 7T-like anatomy, for checking), ``manifest.csv`` (with a ``simulated``
-    column), ``SIMULATED.txt`` and ``demo.json`` (the spec and what was injected into each subject).
+    Files: ``raw/demo-XX_3T.nii.gz`` (3T-like, voxel size drawn per subject), ``raw/demo-XX_7T.nii.gz``
+    (0.65 mm), ``truth/demo-XX_7T_clean.nii.gz`` (the noise-, bias- and artefact-free 7T-like image, for
+    checking), ``truth/demo-XX.json`` (what was drawn and injected), ``manifest.csv`` (with a ``simulated``
+    column), ``SIMULATED.txt`` and ``demo.json`` (the spec and every subject's draws).
     Existing complete subjects are kept (a rerun with the same spec is a no-op).
     """
+    from synth7t.io import read_json
     from synth7t.progress import progress_bar
 
     spec = spec or DemoSpec()
@@ -346,15 +604,12 @@ def build_demo_cohort(out: str | Path, spec: DemoSpec | None = None, *, progress
             save_volume(paths["t3"], sim["t3"], dtype=np.int16)
             save_volume(clean_path, sim["t7_clean"])
             write_json(meta_path, sim["events"])
-        from synth7t.io import read_json
-
         info[sid] = read_json(meta_path)
         subjects.append(Subject(subject=sid, t3=paths["t3"], t7=paths["t7"], age=age, sex=sex,
-                                diagnosis=diagnosis, extra={"simulated": "yes"}))
+                                        diagnosis=diagnosis, extra={"simulated": "yes"}))
         log.info("%s: age %.1f, %s, %s, injected %s", sid, age, sex, diagnosis,
-                 [k for k, v in info[sid].items() if v] or "nothing")
+                 [k for k, v in info[sid].items() if v is True] or "nothing")
     write_text(out / "SIMULATED.txt", SIMULATED_NOTE)
-    spec_dict = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
-    write_json(out / "demo.json", {"spec": spec_dict, "subjects": info, "simulated": True,
+    write_json(out / "demo.json", {"spec": asdict(spec), "subjects": info, "simulated": True,
                                    "template": "deepmriprep Template_05mm_bet.nii.gz (MIT)"})
     return write_manifest(out / "manifest.csv", subjects)
