@@ -1,4 +1,4 @@
-"""Augmentations: reproducibility (draw / apply / replay), GMM soft mapping continuity, each transform."""
+"""Augmentations: reproducibility (draw / apply / replay), GMM mapping continuity and monotonicity, each transform."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from synth7t.dataset.augment import (
     AugmentConfig,
     Augmenter,
     BiasField,
+    Blur,
     ElasticDeformation,
+    GMMAugment,
     GMMFit,
     GMMIntensity,
     IntensityScale,
     Noise,
+    RandomGMMIntensity,
     dense_displacement,
     fit_gmm,
     from_records,
@@ -26,7 +29,7 @@ from synth7t.dataset.augment import (
 )
 from synth7t.dataset.slices import SliceDataset
 
-ALL_ON = {k: {"enabled": True} for k in ("gmm", "elastic", "bias", "scale", "noise")}
+ALL_ON = {k: {"enabled": True} for k in ("gmm", "elastic", "blur", "bias", "scale", "noise")}
 
 
 def _sample(rng, s=3, hw=(32, 40)):
@@ -45,7 +48,7 @@ def _smoothness(x):
     return int((h == 0).sum()), float(max(r.max(), (1 / r).max()))
 
 
-def test_gmm_soft_map_is_continuous_and_hard_map_is_not():
+def test_gmm_monotone_and_soft_maps_are_continuous_and_hard_map_is_not():
     fit = GMMFit((0.2, 0.5, 0.75), (0.07, 0.06, 0.05), (0.3, 0.4, 0.3))
     rng = np.random.default_rng(0)
     k = rng.choice(3, 300_000, p=fit.weights)
@@ -54,13 +57,34 @@ def test_gmm_soft_map_is_continuous_and_hard_map_is_not():
     new_means, new_stds = (0.17, 0.46, 0.83), (0.07, 0.05, 0.05)
     empty0, ratio0 = _smoothness(v)
     assert empty0 == 0 and ratio0 < 2.0  # the original histogram is smooth
-    empty, ratio = _smoothness(gmm_map(v, fit, new_means, new_stds))
-    assert empty == 0 and ratio < 2.0  # soft responsibilities: no gap, no spike
-    empty_h, ratio_h = _smoothness(gmm_map(v, fit, new_means, new_stds, soft=False))
+    for method in ("monotone", "soft"):
+        empty, ratio = _smoothness(gmm_map(v, fit, new_means, new_stds, method=method))
+        assert empty == 0 and ratio < 2.0, method  # no gap, no spike
+    empty_h, ratio_h = _smoothness(gmm_map(v, fit, new_means, new_stds, method="hard"))
     assert empty_h > 0 and ratio_h > 10  # the thesis' hard assignment leaves a gap (figure 16)
     fast = gmm_map_table(v, fit, new_means, new_stds)  # what GMMIntensity uses
     assert np.abs(fast - gmm_map(v, fit, new_means, new_stds)).max() < 1e-5
     assert _smoothness(fast)[0] == 0
+
+
+def test_gmm_map_is_monotone_for_every_draw_of_a_seeded_sweep():
+    # realistic fits (a 3T brain's GM and WM peaks are close, thesis fig. 14) and strong augmentation settings
+    fits = [GMMFit((0.25, 0.55, 0.72), (0.1, 0.07, 0.05), (0.2, 0.45, 0.35)),
+            GMMFit((0.3, 0.62, 0.68), (0.12, 0.05, 0.06), (0.2, 0.4, 0.4)),
+            GMMFit((0.2, 0.5, 0.8), (0.05, 0.05, 0.05), (1 / 3, 1 / 3, 1 / 3))]
+    random = RandomGMMIntensity(GMMAugment(enabled=True, mean_shift=0.15, std_scale=0.6))
+    grid = np.linspace(-0.05, 1.05, 8001)
+    soft_inversions = 0
+    for i in range(300):
+        fit = fits[i % len(fits)]
+        t = random.draw(np.random.default_rng([7, i]), (8, 8), fit)
+        mapped = gmm_map(grid, fit, t.new_means, t.new_stds)
+        assert np.all(np.diff(mapped) >= 0), f"draw {i}: the monotone map decreases somewhere"
+        sample = {"input": np.linspace(0.01, 1, 64, dtype=np.float32).reshape(1, 8, 8)}
+        out = t(sample)["input"].ravel()  # the transform itself (grid table + interpolation)
+        assert np.all(np.diff(out) >= 0)
+        soft_inversions += np.any(np.diff(gmm_map(grid, fit, t.new_means, t.new_stds, method="soft")) < -1e-6)
+    assert soft_inversions > 0  # the posterior-weighted map does invert contrast locally: the check can fail
 
 
 def test_gmm_map_identity_and_component_formula():
@@ -70,8 +94,11 @@ def test_gmm_map_identity_and_component_formula():
     # at a component's mean (far from the others) v' = mu'_k
     out = gmm_map(np.array([0.2, 0.8]), fit, (0.25, 0.5, 0.7), (0.05, 0.05, 0.1))
     assert out == pytest.approx([0.25, 0.7], abs=1e-4)
-    # one sigma above the WM mean: mu' + 1 * sigma'
-    assert gmm_map(np.array([0.85]), fit, (0.2, 0.5, 0.7), (0.05, 0.05, 0.1))[0] == pytest.approx(0.8, abs=1e-3)
+    # one sigma above the WM mean: about mu' + 1 * sigma' (the slope sigma'/sigma = 2 at the WM mean is limited
+    # to ~1.8 by the monotonicity condition on the steep GM->WM piece, hence a looser tolerance)
+    assert gmm_map(np.array([0.85]), fit, (0.2, 0.5, 0.7), (0.05, 0.05, 0.1))[0] == pytest.approx(0.8, abs=0.01)
+    # without limiting (a gentle neighbour), exactly the thesis' mu' + sigma'
+    assert gmm_map(np.array([0.85]), fit, (0.2, 0.5, 0.85), (0.05, 0.05, 0.1))[0] == pytest.approx(0.95, abs=1e-6)
 
 
 def test_fit_gmm_recovers_sorted_components():
@@ -96,7 +123,9 @@ def test_defaults_are_off():
     with pytest.raises(pydantic.ValidationError):
         AugmentConfig.model_validate({"gmm": {"enabled": True, "mean_shift": -1}})
     with pytest.raises(pydantic.ValidationError):
-        AugmentConfig.model_validate({"blur": {"enabled": True}})
+        AugmentConfig.model_validate({"sharpen": {"enabled": True}})
+    with pytest.raises(pydantic.ValidationError):
+        AugmentConfig.model_validate({"blur": {"enabled": True, "max_sigma": -1}})
 
 
 def test_replay_is_identical_and_records_round_trip():
@@ -106,7 +135,7 @@ def test_replay_is_identical_and_records_round_trip():
     aug = Augmenter(AugmentConfig.model_validate(ALL_ON), seed=7)
     out = aug(s, gmm=gmm)
     records = json.loads(out["augment"])
-    assert [r["name"] for r in records] == ["gmm", "elastic", "bias", "scale", "noise"]
+    assert [r["name"] for r in records] == ["gmm", "elastic", "blur", "bias", "scale", "noise"]
     again = replay(s, out["augment"])
     for key in ("input", "target", "mask"):
         assert np.array_equal(again[key], out[key]), key
@@ -167,6 +196,10 @@ def test_intensity_transforms_formulas():
         assert np.all(noisy[~brain] == 0)
         d = (noisy - s["input"])[brain]
         assert abs(d.std() - 0.05) < 0.01
+    blurred = Blur((0.0, 1.5, 0.0))(s)["input"]  # along H only
+    assert np.all(blurred[~brain] == 0)
+    assert blurred[brain].std() < s["input"][brain].std()
+    np.testing.assert_allclose(Blur((0.0, 0.0, 0.0))(s)["input"], s["input"])
     gm = GMMIntensity((0.2, 0.5, 0.8), (0.1,) * 3, (1 / 3,) * 3, (0.3, 0.5, 0.8), (0.1,) * 3)(s)["input"]
     assert np.all(gm[~brain] == 0) and np.all(gm >= 0)
     assert not np.array_equal(gm[brain], s["input"][brain])

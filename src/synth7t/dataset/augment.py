@@ -7,7 +7,7 @@ halves:
 * a deterministic transform (frozen dataclass with explicit parameters) that only **applies** them.
 
 :class:`Augmenter` draws the enabled transforms, applies them in a fixed order (GMM intensity, elastic,
-bias field, scaling, noise) and records them in ``sample["augment"]`` as a JSON string (a list of
+blur, bias field, scaling, noise) and records them in ``sample["augment"]`` as a JSON string (a list of
 ``{"name": ..., **params}`` dicts; a string so that torch's default collate keeps it as a list of strings).
 :func:`replay` applies recorded parameters again and gives bit-identical output.
 
@@ -16,13 +16,18 @@ deformation moves ``input``, ``target`` (linear interpolation) and ``mask`` (nea
 Values may leave [0, 1] slightly; nothing is re-clipped (except GMM-mapped values at 0).
 
 GMM intensity augmentation (Meyer et al. 2021, thesis 1.3.1): the normalized 3T brain intensities are
-modelled by a 3-component mixture (CSF, GM, WM sorted by mean; fitted at pack time, :func:`fit_gmm`). With
-shifted means ``mu'_k`` and stds ``sigma'_k``, a voxel ``v`` is mapped by the posterior-weighted sum::
+modelled by a 3-component mixture (CSF, GM, WM sorted by mean; fitted at pack time, :func:`fit_gmm`). The
+augmentation shifts the means (``mu_k -> mu'_k``) and scales the spreads (``sigma_k -> sigma'_k``). The thesis
+maps a voxel of component k by ``v' = mu'_k + (v - mu_k) / sigma_k * sigma'_k``; with a hard assignment this jumps
+where the most likely component changes (the spike / gap of thesis figure 16), and with soft
+(posterior-weighted) assignments it is continuous but can still *decrease* locally between two components
+(a local contrast inversion: a darker voxel becomes brighter than a brighter one), in about a quarter of draws.
 
-    v' = sum_k r_k(v) * (mu'_k + (v - mu_k) / sigma_k * sigma'_k),   r_k(v) = pi_k N(v; mu_k, sigma_k) / p(v)
-
-Soft responsibilities make the map continuous in ``v``; the thesis' hard assignment (``r = one-hot argmax``)
-jumps where the most likely component changes, which produced the spike / gap of thesis figure 16.
+The map used here (:func:`gmm_map`, ``method="monotone"``) is monotone by construction: a cubic Hermite spline
+through ``(mu_k, mu'_k)`` with slope ``sigma'_k / sigma_k`` at each mean (the thesis' local stretch), through
+``(0, f(0))`` and ``(1, f(1))`` continued linearly from the outer components, with the means kept in order
+(each gap at least a quarter of the original) and the slopes limited by the Fritsch-Carlson condition
+(``alpha^2 + beta^2 <= 9``), which makes every piece non-decreasing.
 """
 
 from __future__ import annotations
@@ -91,21 +96,65 @@ def responsibilities(values: np.ndarray, fit: GMMFit) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def gmm_map(
-    values: np.ndarray, fit: GMMFit, new_means, new_stds, *, soft: bool = True
-) -> np.ndarray:
-    """Map intensities by ``v' = sum_k r_k(v) (mu'_k + (v - mu_k) / sigma_k * sigma'_k)`` (module docstring).
+MIN_GAP_FRACTION = 0.25  # a mapped gap between adjacent means keeps at least this fraction of the original
 
-    ``soft=False`` uses the hard assignment of the thesis (for comparison only: it is discontinuous).
-    Returns float32 of the shape of ``values``.
+
+def monotone_knots(fit: GMMFit, new_means, new_stds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Knots ``(x, y, slopes)`` of the monotone GMM map (module docstring); ``x`` strictly increasing in [0, 1].
+
+    ``y`` is strictly increasing (the new means are pushed apart to keep at least :data:`MIN_GAP_FRACTION` of
+    each original gap) and the slopes satisfy the Fritsch-Carlson condition on every interval.
+    """
+    mu, s = np.asarray(fit.means, np.float64), np.asarray(fit.stds, np.float64)
+    new_mu, new_s = np.asarray(new_means, np.float64), np.asarray(new_stds, np.float64)
+    if new_mu.shape != mu.shape or new_s.shape != s.shape:
+        raise ValueError(f"need {mu.size} new means and stds, got {new_mu.size} and {new_s.size}")
+    if np.any(s <= 0) or np.any(new_s <= 0) or np.any(np.diff(mu) <= 0):
+        raise ValueError("GMM stds must be > 0 and the means strictly increasing")
+    y_mu = new_mu.copy()
+    for k in range(1, mu.size):
+        y_mu[k] = max(y_mu[k], y_mu[k - 1] + MIN_GAP_FRACTION * (mu[k] - mu[k - 1]))
+    slope = new_s / s
+    lo, hi = min(0.0, mu[0] - 1e-3), max(1.0, mu[-1] + 1e-3)
+    x = np.array([lo, *mu, hi])
+    y = np.array([y_mu[0] - slope[0] * (mu[0] - lo), *y_mu, y_mu[-1] + slope[-1] * (hi - mu[-1])])
+    d = np.array([slope[0], *slope, slope[-1]])
+    for i in range(x.size - 1):  # Fritsch-Carlson limiter, interval by interval
+        delta = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
+        a, b = d[i] / delta, d[i + 1] / delta
+        r = a * a + b * b
+        if r > 9:
+            tau = 3 / np.sqrt(r)
+            d[i], d[i + 1] = tau * a * delta, tau * b * delta
+    return x, y, d
+
+
+def gmm_map(
+    values: np.ndarray, fit: GMMFit, new_means, new_stds, *, method: str = "monotone"
+) -> np.ndarray:
+    """Map intensities with shifted GMM means and scaled spreads (module docstring); float32, shape of ``values``.
+
+    ``method``: ``"monotone"`` (the default, what :class:`GMMIntensity` uses), or for comparison ``"soft"``
+    (``v' = sum_k r_k(v) (mu'_k + (v - mu_k) / sigma_k * sigma'_k)``, posterior weights ``r_k``) and ``"hard"``
+    (the thesis' argmax assignment, discontinuous).
     """
     v = np.asarray(values, dtype=np.float64)
+    if method == "monotone":
+        from scipy.interpolate import CubicHermiteSpline
+
+        x, y, d = monotone_knots(fit, new_means, new_stds)
+        inside = np.clip(v, x[0], x[-1])
+        out = CubicHermiteSpline(x, y, d)(inside)
+        out += np.where(v < x[0], (v - x[0]) * d[0], 0.0) + np.where(v > x[-1], (v - x[-1]) * d[-1], 0.0)
+        return out.reshape(v.shape).astype(np.float32)
+    if method not in ("soft", "hard"):
+        raise ValueError(f"method must be 'monotone', 'soft' or 'hard', got {method!r}")
     mu, s = np.asarray(fit.means), np.asarray(fit.stds)
     new_mu, new_s = np.asarray(new_means, dtype=np.float64), np.asarray(new_stds, dtype=np.float64)
     if new_mu.shape != mu.shape or new_s.shape != s.shape:
         raise ValueError(f"need {mu.size} new means and stds, got {new_mu.size} and {new_s.size}")
     r = responsibilities(v, fit)  # (N, K)
-    if not soft:
+    if method == "hard":
         r = np.eye(mu.size)[np.argmax(r, axis=1)]
     per_k = new_mu + (v.reshape(-1, 1) - mu) / s * new_s  # (N, K)
     return (r * per_k).sum(axis=1).reshape(v.shape).astype(np.float32)
@@ -154,8 +203,8 @@ def _with_input(sample: dict, new_input: np.ndarray) -> dict:
 def gmm_map_table(values: np.ndarray, fit: GMMFit, new_means, new_stds, n_grid: int = 4097) -> np.ndarray:
     """:func:`gmm_map` evaluated on ``n_grid`` points over ``[min, max]`` of ``values`` and interpolated linearly.
 
-    The map is smooth, so the interpolation error is ~ (step^2 / 8) |f''|, below 1e-6 in normalized units,
-    at a fraction of the cost (one small evaluation plus ``np.interp``). Continuous like :func:`gmm_map`.
+    The map is smooth, so the interpolation error is ~ (step^2 / 8) |f''|, below 1e-5 in normalized units,
+    at a fraction of the cost (one small evaluation plus linear interpolation); monotone like :func:`gmm_map`.
     """
     v = np.asarray(values, dtype=np.float32)
     if v.size == 0:
@@ -173,9 +222,9 @@ def gmm_map_table(values: np.ndarray, fit: GMMFit, new_means, new_stds, n_grid: 
 
 @dataclass(frozen=True)
 class GMMIntensity(Transform):
-    """Soft GMM intensity mapping of the brain voxels (input > 0) of the 3T input; negatives set to 0.
+    """Monotone GMM intensity mapping of the brain voxels (input > 0) of the 3T input; negatives set to 0.
 
-    Uses :func:`gmm_map_table` (the exact soft map on a 4097-point grid, interpolated).
+    Uses :func:`gmm_map_table` (the exact monotone map on a 4097-point grid, interpolated).
     """
 
     name: ClassVar[str] = "gmm"
@@ -321,8 +370,28 @@ class Noise(Transform):
         return _with_input(sample, out)
 
 
+@dataclass(frozen=True)
+class Blur(Transform):
+    """Gaussian blur of the input, ``sigma`` = (across slices, H, W) in voxels: a wider or anisotropic 3T PSF.
+
+    Blurring happens inside the brain's support: voxels that were 0 (outside the skull-stripped brain) stay 0,
+    as when a scan is blurred by its acquisition and stripped afterwards. Edges of the slice stack are extended.
+    """
+
+    name: ClassVar[str] = "blur"
+    sigma: tuple[float, float, float]
+
+    def __call__(self, sample: dict) -> dict:
+        from scipy.ndimage import gaussian_filter
+
+        x = sample["input"]
+        out = gaussian_filter(x, self.sigma, mode="nearest", truncate=3.0)
+        out[x == 0] = 0
+        return _with_input(sample, out)
+
+
 TRANSFORMS: dict[str, type[Transform]] = {
-    t.name: t for t in (GMMIntensity, ElasticDeformation, BiasField, IntensityScale, Noise)
+    t.name: t for t in (GMMIntensity, ElasticDeformation, Blur, BiasField, IntensityScale, Noise)
 }
 
 
@@ -373,6 +442,11 @@ class ElasticAugment(_Aug):
     max_displacement: float = Field(4.0, ge=0.0, le=50.0, description="pixels, U(-a, a), borders fixed")
 
 
+class BlurAugment(_Aug):
+    max_sigma: float = Field(1.0, ge=0.0, le=5.0, description="in-plane sigma per axis ~ U(0, a) pixels")
+    max_sigma_slices: float = Field(0.5, ge=0.0, le=5.0, description="sigma across the input slices ~ U(0, a)")
+
+
 class BiasAugment(_Aug):
     order: int = Field(3, ge=0, le=6)
     max_coefficient: float = Field(0.3, ge=0.0, le=2.0, description="c_ij ~ U(-a, a)")
@@ -393,13 +467,14 @@ class AugmentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     gmm: GMMAugment = GMMAugment()
     elastic: ElasticAugment = ElasticAugment()
+    blur: BlurAugment = BlurAugment()
     bias: BiasAugment = BiasAugment()
     scale: ScaleAugment = ScaleAugment()
     noise: NoiseAugment = NoiseAugment()
 
     @property
     def any_enabled(self) -> bool:
-        return any(getattr(self, k).enabled for k in ("gmm", "elastic", "bias", "scale", "noise"))
+        return any(getattr(self, k).enabled for k in _RANDOM)
 
 
 class RandomGMMIntensity:
@@ -427,6 +502,16 @@ class RandomElastic:
         d = np.zeros((2, n, n))
         d[:, 1:-1, 1:-1] = rng.uniform(-a, a, (2, n - 2, n - 2))  # border control points stay fixed
         return ElasticDeformation(_tuples(d.tolist()))
+
+
+class RandomBlur:
+    def __init__(self, cfg: BlurAugment):
+        self.cfg = cfg
+
+    def draw(self, rng: np.random.Generator, hw: tuple[int, int], gmm: GMMFit | None) -> Transform:
+        c = self.cfg
+        s = rng.uniform(0, [c.max_sigma_slices, c.max_sigma, c.max_sigma])
+        return Blur(tuple(float(v) for v in s))
 
 
 class RandomBiasField:
@@ -460,6 +545,7 @@ class RandomNoise:
 _RANDOM = {
     "gmm": RandomGMMIntensity,
     "elastic": RandomElastic,
+    "blur": RandomBlur,
     "bias": RandomBiasField,
     "scale": RandomScale,
     "noise": RandomNoise,
@@ -469,7 +555,7 @@ _RANDOM = {
 class Augmenter:
     """Draws, applies and records the augmentations enabled in ``cfg``.
 
-    Order: GMM, elastic, bias, scale, noise.
+    Order: GMM, elastic, blur, bias, scale, noise.
 
     ``seed`` seeds the generator used when a call passes no ``rng``; :class:`SliceDataset` passes a
     per-sample generator so that results do not depend on the number of DataLoader workers.
