@@ -50,7 +50,9 @@ METRIC_KEYS = (
     "ssim_brain",
     "ssim_brain_valid",
     "ssim_thesis_1d",
+    "ssim_thesis_1d_full",
     "hfen",
+    "hfen_brain",
     "mae_brain",
 )
 
@@ -253,14 +255,23 @@ def hfen(
     """
     _check_pair(truth, pred, region)
     log_t = log_truth if log_truth is not None else ndimage.gaussian_laplace(np.asarray(truth, np.float32), sigma)
+    return _hfen_ratio(_log_error(log_t, pred, sigma), log_t, region)
+
+
+def _log_error(log_t: np.ndarray, pred: np.ndarray, sigma: float = HFEN_SIGMA) -> np.ndarray:
+    """``LoG(I') - LoG(I)`` given ``LoG(I)``."""
     log_p = ndimage.gaussian_laplace(np.asarray(pred, np.float32), sigma)
     log_p -= log_t
+    return log_p
+
+
+def _hfen_ratio(log_err: np.ndarray, log_t: np.ndarray, region: np.ndarray | None) -> float:
     if region is not None:
-        log_t, log_p = log_t[region], log_p[region]
+        log_t, log_err = log_t[region], log_err[region]
     den = float(np.linalg.norm(log_t.ravel().astype(np.float64)))
     if den == 0:
         raise ValueError("HFEN undefined: the ground truth has no high-frequency content (LoG is zero)")
-    return float(np.linalg.norm(log_p.ravel().astype(np.float64)) / den)
+    return float(np.linalg.norm(log_err.ravel().astype(np.float64)) / den)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,7 +323,10 @@ def metrics_against(ref: Reference, pred: np.ndarray) -> dict[str, float]:
         out["ssim" if name == "full" else f"ssim_{name}"] = float(np.mean(smap[reg], dtype=np.float64))
     del smap
     out["ssim_thesis_1d"] = ssim_thesis_1d(t, p, ref.data_range, ref.regions["brain"])
-    out["hfen"] = hfen(t, p, log_truth=ref.log)
+    out["ssim_thesis_1d_full"] = ssim_thesis_1d(t, p, ref.data_range)
+    log_err = _log_error(ref.log, p)
+    out["hfen"] = _hfen_ratio(log_err, ref.log, None)
+    out["hfen_brain"] = _hfen_ratio(log_err, ref.log, ref.regions["brain"])
     out["mae_brain"] = mae(t, p, ref.regions["brain"])
     return {k: out[k] for k in METRIC_KEYS}
 
@@ -330,8 +344,10 @@ def compute_metrics(
 
     Returns the keys of :data:`METRIC_KEYS`: ``psnr``, ``psnr_brain``, ``psnr_brain_valid`` (dB, R = range of
     the clipped normalised truth); ``ssim``, ``ssim_brain``, ``ssim_brain_valid`` (3-D Gaussian-window SSIM map
-    averaged over each region); ``ssim_thesis_1d`` (thesis formula on the flattened brain voxels); ``hfen``
-    (whole image, LoG sigma 1.5 voxels); ``mae_brain``. To score several predictions of one subject, use
+    averaged over each region); ``ssim_thesis_1d`` / ``ssim_thesis_1d_full`` (thesis formula on the flattened
+    brain voxels / on the whole image, the "brain SSIM" and "SSIM" columns of thesis table 1); ``hfen`` /
+    ``hfen_brain`` (LoG sigma 1.5 voxels, norms over the whole image / the brain); ``mae_brain``. To score
+    several predictions of one subject, use
     :func:`compute_metrics_many` (the truth's filtering is then done once).
     """
     _check_pair(np.asarray(truth), np.asarray(pred), np.asarray(mask))
