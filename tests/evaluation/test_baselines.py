@@ -74,3 +74,43 @@ def test_resample_to_grid_world_coordinates():
     far = Volume(np.zeros((4, 4, 4), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
     far.affine[:3, 3] = 100.0
     assert np.all(B.resample_to_grid(src, far.affine, far.shape).data == 0)
+
+
+def test_histogram_match_hand_made():
+    # 4 brain voxels of ranks 0..3 -> u = 1/8, 3/8, 5/8, 7/8 -> reference quantiles of a uniform on [0, 2]
+    img = np.zeros((2, 2, 2), np.float32)
+    mask = np.zeros_like(img, bool)
+    img[0, :, :] = [[5.0, 1.0], [3.0, 2.0]]
+    mask[0] = True
+    ref = 2 * B.QUANTILE_LEVELS
+    out = B.histogram_match(img, mask, ref)
+    np.testing.assert_allclose(out[0], [[7 / 4, 1 / 4], [5 / 4, 3 / 4]], atol=1e-6)
+    assert np.all(out[1] == 0)  # outside the mask stays 0
+    # matching to an image's own quantiles changes little; the order of voxels is never inverted
+    rng = np.random.default_rng(0)
+    vol = rng.gamma(2.0, size=(12, 10, 8)).astype(np.float32)
+    m = vol > 0.5
+    same = B.histogram_match(vol, m, B.quantiles(vol[m]))
+    assert np.abs(same[m] - vol[m]).max() < 0.05 * vol[m].max()
+    target = B.histogram_match(vol, m, B.quantiles(rng.normal(0.5, 0.1, 5000)))
+    order = np.argsort(vol[m])
+    assert np.all(np.diff(target[m][order]) >= 0)
+    assert abs(target[m].mean() - 0.5) < 0.01 and abs(target[m].std() - 0.1) < 0.01
+    with pytest.raises(ValueError, match="mask shape"):
+        B.histogram_match(vol, m[:-1], ref)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        B.histogram_match(vol, m, ref[::-1])
+
+
+def test_population_quantiles_average_subjects_equally():
+    # subject A uniform on [0, 0.5], subject B (ten times as many voxels) uniform on [0.5, 1]: the mean histogram
+    # weighs them equally, so the median is 0.5 and the 25th percentile 0.25
+    a = B.brain_histogram(np.linspace(0, 0.5, 1000, endpoint=False))
+    b = B.brain_histogram(np.linspace(0.5, 1, 10000, endpoint=False))
+    q = B.population_quantiles([a, b])
+    levels = B.QUANTILE_LEVELS
+    assert q[np.searchsorted(levels, 0.5)] == pytest.approx(0.5, abs=2e-3)
+    assert q[np.searchsorted(levels, 0.25)] == pytest.approx(0.25, abs=2e-3)
+    assert q[0] == pytest.approx(0.0, abs=2e-3) and q[-1] == pytest.approx(1.0, abs=2e-3)
+    with pytest.raises(ValueError, match="non-empty"):
+        B.population_quantiles([np.zeros(B.HISTOGRAM_BINS)])

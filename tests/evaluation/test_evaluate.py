@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 
 from synth7t.errors import InputError
@@ -17,17 +18,40 @@ def test_evaluate_writes_report_and_quality_table(tiny_model, tiny_store, tmp_pa
     assert "synth7t model" in html and "3T input" in html and "data:image/png;base64" in html
     rows = list(csv.DictReader((tmp_path / "report" / "metrics.csv").open()))
     methods = {r["method"] for r in rows}
-    assert methods == {"model", "t3_input", "trilinear", "bspline"}
-    assert len(rows) == 4 * 2  # two test subjects
+    assert methods == {"model", "t3_input", "trilinear", "bspline", "histmatch_population", "histmatch_oracle"}
+    assert len(rows) == 6 * 2  # two test subjects
     assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows)
     table = quality_table(tmp_path / "report", tmp_path / "quality.json")
-    assert set(table["model"]) == {"psnr_brain", "ssim_brain", "hfen", "dice"}
-    assert table["best_baseline"]["name"] in ("t3_input", "trilinear", "bspline")
-    best = max(table["baselines"].values(), key=lambda m: m["psnr_brain"])
-    assert table["best_baseline"]["psnr_brain"] == best["psnr_brain"]
+    keys = {"brain_psnr", "brain_ssim", "hfen", "dice"}
+    assert set(table["model"]) == keys and all(set(v) == keys for v in table["baselines"].values())
+    # the best baseline is the best *realizable* one, never the oracle, which is reported beside it
+    assert table["best_baseline"]["name"] in ("t3_input", "trilinear", "bspline", "histmatch_population")
+    realizable = {k: v for k, v in table["baselines"].items() if k != "histmatch_oracle"}
+    assert table["best_baseline"]["brain_psnr"] == max(v["brain_psnr"] for v in realizable.values())
+    assert table["oracle"]["name"] == "histmatch_oracle"
+    assert table["model_minus_oracle"]["brain_psnr"] == pytest.approx(
+        table["model"]["brain_psnr"] - table["oracle"]["brain_psnr"])
+    assert table["model_minus_best_baseline"]["brain_ssim"] == pytest.approx(
+        table["model"]["brain_ssim"] - table["best_baseline"]["brain_ssim"])
+    # the oracle matches each subject's own 7T histogram: no realizable global mapping does better in PSNR
+    assert table["oracle"]["brain_psnr"] >= table["baselines"]["histmatch_population"]["brain_psnr"] - 0.05
     assert (tmp_path / "quality.json").exists()
+    subjects = sorted({r["subject"] for r in rows})
+    grouped = quality_table(tmp_path / "report", groups={subjects[0]: "a", subjects[1]: "b", "absent": "c"})
+    assert set(grouped["groups"]) == {"a", "b"} and grouped["groups"]["a"]["n_subjects"] == 1
 
 
 def test_evaluate_needs_a_store(tiny_model, tmp_path):
     with pytest.raises(InputError, match="no slice store"):
         evaluate(tiny_model, tmp_path, tmp_path / "r", progress=False)
+
+
+def test_target_quantiles_follow_the_train_split(tiny_store):
+    from synth7t.dataset.slices import SliceStore
+    from synth7t.intensity import QUANTILE_LEVELS
+
+    store = SliceStore(tiny_store[1])
+    q = store.target_quantiles("train")
+    assert q.shape == QUANTILE_LEVELS.shape and np.all(np.diff(q) >= 0)
+    assert 0 <= q[0] <= q[-1] <= 1  # clipped min-max units of the 7T
+    assert store.target_quantiles("predict") is None  # no subject with a 7T there: the baseline is skipped

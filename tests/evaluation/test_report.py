@@ -12,7 +12,8 @@ import pytest
 from scipy import ndimage
 
 from synth7t.evaluation import report as R
-from synth7t.evaluation.metrics import METRIC_KEYS
+from synth7t.evaluation.metrics import METRIC_KEYS, clipped_minmax
+from synth7t.intensity import quantiles
 from synth7t.io import Volume, save_volume
 
 
@@ -34,6 +35,9 @@ def cohort(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("cohort")
     images, records = {}, []
     aff = np.diag([0.8, 0.8, 0.8, 1.0])
+    # a "training population" 7T distribution: another subject's normalized 7T
+    t7_pop, mask_pop = _subject(9)[2:]
+    population = quantiles(clipped_minmax(t7_pop, mask_pop)[mask_pop > 0])
     for i in range(3):
         t3, pred, t7, mask = _subject(i)
         paths = {}
@@ -45,15 +49,17 @@ def cohort(tmp_path_factory):
         records += R.evaluate_subject(
             subject, **{k: paths[k] for k in ("t3", "pred", "t7", "mask")}, group=("healthy", "ill")[i % 2],
             segmentation=seg, zooms_lowres=(1.6, 1.6, 1.6), min_slice=4,
+            population_quantiles=population if i < 2 else None,
         )  # fmt: skip
     return records, images
 
 
 def test_evaluate_subject_records(cohort):
     records, _ = cohort
-    assert len(records) == 12
+    assert len(records) == 6 + 6 + 5  # without population quantiles there is no histmatch_population record
     first = [r for r in records if r["subject"] == "sub-00"]
     assert [r["method"] for r in first] == list(R.METHODS)
+    assert "histmatch_population" not in {r["method"] for r in records if r["subject"] == "sub-02"}
     for r in first:
         assert set(METRIC_KEYS) <= set(r) and r["segmentation_method"] == "atropos"
         assert 0 <= r["dice_mean"] <= 1 and {"dice_1", "dice_2", "dice_3"} <= set(r)
@@ -61,6 +67,12 @@ def test_evaluate_subject_records(cohort):
     # the prediction is a light blur of the truth: it must beat the heavily blurred, differently scaled 3T
     assert by["model"]["psnr_brain"] > by["t3_input"]["psnr_brain"]
     assert by["model"]["ssim_brain"] > by["trilinear"]["ssim_brain"]
+    # matching the B-spline baseline's histogram to the subject's own 7T can only help it (an upper bound of any
+    # global intensity map); the new metric columns are there
+    assert by["histmatch_oracle"]["psnr_brain"] > by["bspline"]["psnr_brain"]
+    assert by["histmatch_oracle"]["psnr_brain"] >= by["histmatch_population"]["psnr_brain"] - 0.1
+    assert 0 < by["model"]["hfen_brain"] < by["t3_input"]["hfen_brain"]
+    assert 0 < by["model"]["ssim_thesis_1d_full"] <= 1
     assert "dice_mean" not in [r for r in records if r["subject"] == "sub-01"][0]
 
 
@@ -126,9 +138,10 @@ def test_write_report(cohort, tmp_path):
     for b64 in pngs:
         assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert len(rows) == 12 and rows[0]["subject"] == "sub-00" and "psnr_brain_valid" in rows[0]
+    assert len(rows) == 17 and rows[0]["subject"] == "sub-00" and "psnr_brain_valid" in rows[0]
     comp = list(csv.DictReader((out / "comparison.csv").open()))
-    assert {r["baseline"] for r in comp} == {"t3_input", "trilinear", "bspline"}
+    assert {r["baseline"] for r in comp} == {"t3_input", "trilinear", "bspline", "histmatch_population",
+                                             "histmatch_oracle"}
     assert all("uninformative" in r["note"] for r in comp)
     summary = list(csv.DictReader((out / "summary.csv").open()))
     assert {r["group"] for r in summary} == {"all", "healthy", "ill"}

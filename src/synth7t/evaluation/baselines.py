@@ -1,4 +1,16 @@
-"""Baselines the model must beat: the 3T input itself and plain interpolation of a ~1 mm 3T to the 7T grid.
+"""Baselines the model must beat: the 3T input itself, plain interpolation of a ~1 mm 3T to the 7T grid, and
+interpolation followed by a global intensity mapping (histogram matching).
+
+A model gains over interpolation in two ways: by mapping 3T contrast onto 7T contrast (a global, monotone
+intensity map does much of that) and by adding detail. The histogram-matching baselines separate the two:
+
+* ``histmatch_population`` (realizable): the cubic B-spline baseline with its brain histogram matched to the
+  *training split's* mean 7T brain histogram (:func:`population_quantiles`). Uses nothing a user lacks.
+* ``histmatch_oracle`` (an upper bound, not a method): the same, matched to the subject's own 7T. No global
+  intensity mapping can do better on the histogram; the model's gain over it is the detail it adds.
+
+Histogram matching (:func:`synth7t.intensity.histogram_match`) maps each brain voxel's rank
+``u = (rank + 1/2) / N`` through the reference quantile function; voxels outside the mask keep 0.
 
 Two ways to build the interpolation baselines:
 
@@ -27,6 +39,14 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from synth7t.intensity import (  # noqa: F401  (histogram matching lives in synth7t.intensity; re-exported)
+    HISTOGRAM_BINS,
+    QUANTILE_LEVELS,
+    brain_histogram,
+    histogram_match,
+    population_quantiles,
+    quantiles,
+)
 from synth7t.io import Volume
 
 log = logging.getLogger(__name__)

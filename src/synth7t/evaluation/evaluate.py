@@ -21,7 +21,8 @@ from synth7t.io import Volume, save_volume, write_json
 
 log = logging.getLogger(__name__)
 
-QUALITY_KEYS = ("psnr_brain", "ssim_brain", "hfen", "dice_mean")
+QUALITY_KEYS = {"brain_psnr": "psnr_brain", "brain_ssim": "ssim_brain", "hfen": "hfen", "dice": "dice_mean"}
+"""Key in ``quality.json`` (the spelling of the benchmark issue) -> column of ``metrics.csv``."""
 
 
 def _open_store(data: Path):
@@ -54,8 +55,14 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     extra_models: dict[str, Path] | None = None,
+    reference: str | Path | None = None,
 ) -> Path:
-    """Evaluate ``model_dir`` on the ``split`` subjects of the store ``data``; returns ``OUT/index.html``."""
+    """Evaluate ``model_dir`` on the ``split`` subjects of the store ``data``; returns ``OUT/index.html``.
+
+    ``reference``: the slice store (or work folder holding one) whose *training split* defines the population
+    7T histogram of the ``histmatch_population`` baseline; by default ``data`` itself. Give the model's training
+    store when ``data`` holds only test subjects (another site, the transfer set).
+    """
     from synth7t.dataset.pack import uncrop
     from synth7t.evaluation.metrics import compute_metrics
     from synth7t.evaluation.report import evaluate_subject, write_report
@@ -65,6 +72,10 @@ def evaluate(
     if segmentation not in ("auto", "synthseg", "atropos", "none"):
         raise InputError(f"--segmentation {segmentation!r}: expected auto, synthseg, atropos or none")
     store = _open_store(Path(data))
+    ref_store = _open_store(Path(reference)) if reference is not None else store
+    pop_q = ref_store.target_quantiles("train")
+    if pop_q is None:
+        log.warning("%s: no training subject with a 7T; the histmatch_population baseline is skipped", ref_store.root)
     subjects = store.split_subjects(split)
     subjects = [s for s in subjects if store.info(s).get("has_t7")]
     if not subjects:
@@ -92,6 +103,7 @@ def evaluate(
             group=info.get("group"),
             segmentation=None if segmentation == "none" else segmentation,
             zooms_lowres=(1.0, 1.0, 1.0),
+            population_quantiles=pop_q,
         )
         for name, extra in extras.items():
             rec = {"subject": s, "method": name, "group": info.get("group")}
@@ -136,41 +148,74 @@ def _save_subject(folder: Path, subject: str, full: dict, affine: np.ndarray) ->
     return paths
 
 
-def quality_table(report_dir: str | Path, dest: str | Path | None = None) -> dict:
+def _means(rows: list[dict], subjects: set[str] | None = None) -> dict[str, dict[str, float | None]]:
+    """Mean of each quality key per method over the rows (of ``subjects`` when given); missing -> None."""
+    by_method: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        if subjects is not None and row["subject"] not in subjects:
+            continue
+        m = by_method.setdefault(row["method"], {k: [] for k in QUALITY_KEYS})
+        for key, column in QUALITY_KEYS.items():
+            try:
+                v = float(row.get(column) or "nan")
+            except ValueError:
+                v = float("nan")
+            if np.isfinite(v):
+                m[key].append(v)
+    return {meth: {k: (float(np.mean(v)) if v else None) for k, v in vals.items()} for meth, vals in by_method.items()}
+
+
+def _diff(a: dict, b: dict) -> dict[str, float | None]:
+    return {k: (a[k] - b[k] if a.get(k) is not None and b.get(k) is not None else None) for k in QUALITY_KEYS}
+
+
+def _table(means: dict[str, dict], n_subjects: int) -> dict:
+    from synth7t.evaluation.report import BASELINES, ORACLES, REALIZABLE
+
+    baselines = {b: means[b] for b in BASELINES if b in means}
+    realizable = {b: v for b, v in baselines.items() if b in REALIZABLE}
+    best_name = max(realizable, key=lambda b: realizable[b]["brain_psnr"] or -np.inf)
+    model = means.get("model")
+    table = {
+        "model": model,
+        "baselines": baselines,
+        "best_baseline": {"name": best_name, **realizable[best_name]},
+        "n_subjects": n_subjects,
+    }
+    if model is not None:
+        table["model_minus_best_baseline"] = _diff(model, realizable[best_name])
+    for oracle in ORACLES:
+        if oracle in baselines:
+            table["oracle"] = {"name": oracle, **baselines[oracle]}
+            if model is not None:
+                table["model_minus_oracle"] = _diff(model, baselines[oracle])
+    for extra in sorted(set(means) - set(BASELINES) - {"model"}):
+        table[extra] = means[extra]
+    return table
+
+
+def quality_table(report_dir: str | Path, dest: str | Path | None = None,
+                  groups: dict[str, str] | None = None) -> dict:
     """Mean brain PSNR / brain SSIM / HFEN / DICE per method from ``metrics.csv``, in the benchmark layout.
 
-    ``{"model": {...}, "baselines": {name: {...}}, "best_baseline": {"name": ..., ...}, "<extra>": {...}}``,
-    best baseline = highest mean brain PSNR. Written to ``dest`` when given.
+    ``{"model": {...}, "baselines": {name: {...}}, "best_baseline": {"name": ..., ...}, "oracle": {...},
+    "model_minus_best_baseline": {...}, "model_minus_oracle": {...}, "n_subjects": n, "<extra>": {...}}`` with
+    the keys ``brain_psnr``, ``brain_ssim``, ``hfen``, ``dice`` (None where not computed). The best baseline is
+    the *realizable* one with the highest mean brain PSNR (never the oracle). ``groups`` (subject -> group name)
+    adds ``"groups": {name: <the same table over that group's subjects>}``. Written to ``dest`` when given.
     """
     path = Path(report_dir) / "metrics.csv"
     if not path.exists():
         raise InputError(f"{path}: not found (run `synth7t evaluate` first)")
-    by_method: dict[str, dict[str, list[float]]] = {}
-    for row in csv.DictReader(path.open()):
-        m = by_method.setdefault(row["method"], {k: [] for k in QUALITY_KEYS})
-        for k in QUALITY_KEYS:
-            try:
-                v = float(row.get(k) or "nan")
-            except ValueError:
-                v = float("nan")
-            if np.isfinite(v):
-                m[k].append(v)
-    means = {
-        meth: {k.replace("_mean", ""): (float(np.mean(v)) if v else None) for k, v in vals.items()}
-        for meth, vals in by_method.items()
-    }
-    from synth7t.evaluation.report import BASELINES
-
-    baselines = {b: means[b] for b in BASELINES if b in means}
-    best_name = max(baselines, key=lambda b: baselines[b]["psnr_brain"] or -np.inf)
-    table = {
-        "model": means.get("model"),
-        "baselines": baselines,
-        "best_baseline": {"name": best_name, **baselines[best_name]},
-        "n_subjects": len(next(iter(by_method.values()))["psnr_brain"]),
-    }
-    for extra in set(means) - set(BASELINES) - {"model"}:
-        table[extra] = means[extra]
+    rows = list(csv.DictReader(path.open()))
+    subjects = {r["subject"] for r in rows}
+    table = _table(_means(rows), len(subjects))
+    if groups:
+        table["groups"] = {}
+        for g in sorted(set(groups.values())):
+            members = {s for s, name in groups.items() if name == g} & subjects
+            if members:
+                table["groups"][g] = _table(_means(rows, members), len(members))
     if dest is not None:
         write_json(dest, table)
     return table

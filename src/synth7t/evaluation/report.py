@@ -38,12 +38,16 @@ from synth7t.io import Volume, load_volume, write_text
 log = logging.getLogger(__name__)
 
 MODEL = "model"
-BASELINES = ("t3_input", "trilinear", "bspline")
+ORACLES = ("histmatch_oracle",)  # upper bounds that use the subject's own 7T: never "the best baseline"
+BASELINES = ("t3_input", "trilinear", "bspline", "histmatch_population", *ORACLES)
+REALIZABLE = tuple(b for b in BASELINES if b not in ORACLES)
 METHODS = (*BASELINES, MODEL)
 METHOD_LABELS = {
     "t3_input": "3T input",
     "trilinear": "trilinear (1 mm 3T)",
     "bspline": "cubic B-spline (1 mm 3T)",
+    "histmatch_population": "B-spline + histogram matched to the training 7T",
+    "histmatch_oracle": "B-spline + histogram matched to its own 7T (oracle)",
     "model": "synth7t model",
 }
 # (key, column title, higher is better) in the layout of thesis table 1, then the extra metrics
@@ -55,8 +59,10 @@ TABLE_COLUMNS = (
     ("psnr_brain_valid", "brain PSNR no corrupt.", True),
     ("ssim_brain_valid", "brain SSIM no corrupt.", True),
     ("dice_mean", "Mean DICE", True),
+    ("ssim_thesis_1d_full", "SSIM (thesis 1-D)", True),
     ("ssim_thesis_1d", "brain SSIM (thesis 1-D)", True),
     ("hfen", "HFEN", False),
+    ("hfen_brain", "brain HFEN", False),
     ("mae_brain", "brain MAE", False),
 )
 SUMMARY_KEYS = (*METRIC_KEYS, "dice_mean")
@@ -111,16 +117,19 @@ def evaluate_subject(
     normalize_pred: bool = False,
     lower_pct: float = 1,
     upper_pct: float = 99,
+    population_quantiles: np.ndarray | None = None,
 ) -> list[dict]:
-    """Score the model and the baselines of one subject; returns 4 records (see module docstring).
+    """Score the model and the baselines of one subject; returns one record per method (module docstring).
 
     ``t3`` is the preprocessed 3T on the 7T grid (raw units: it is clipped-min-max normalised with its own
     brain percentiles, as the model's input is), ``pred`` the synthetic 7T in [0, 1] units
     (``normalize_pred=True`` normalises it like the 3T), ``t7`` the real 7T and ``mask`` the brain mask, each
     a path, :class:`~synth7t.io.Volume` or array on the same grid. ``segmentation``: ``"auto"`` (SynthSeg when
-    on PATH, else Atropos), ``"synthseg"``, ``"atropos"`` or None (no DICE).
+    on PATH, else Atropos), ``"synthseg"``, ``"atropos"`` or None (no DICE). ``population_quantiles`` (the
+    training split's 7T brain quantiles, :func:`~synth7t.evaluation.baselines.population_quantiles`) adds the
+    ``histmatch_population`` baseline; ``histmatch_oracle`` (matched to this subject's 7T) is always scored.
     """
-    from synth7t.evaluation.baselines import baseline_interpolations
+    from synth7t.evaluation.baselines import baseline_interpolations, histogram_match, quantiles
 
     m, zooms = _as_array(mask)
     m = m > 0
@@ -134,7 +143,13 @@ def evaluate_subject(
     t3n[~m] = 0
     if normalize_pred:
         p_arr = clipped_minmax(p_arr, m, lower_pct, upper_pct)
-    candidates = {"t3_input": t3n, **baseline_interpolations(t3n, zooms, zooms_lowres, mask=m), MODEL: p_arr}
+    interp = baseline_interpolations(t3n, zooms, zooms_lowres, mask=m)
+    candidates = {"t3_input": t3n, **interp}
+    if population_quantiles is not None:
+        candidates["histmatch_population"] = histogram_match(interp["bspline"], m, population_quantiles)
+    own = quantiles(clipped_minmax(t7_arr, m, lower_pct, upper_pct)[m])
+    candidates["histmatch_oracle"] = histogram_match(interp["bspline"], m, own)
+    candidates[MODEL] = p_arr
     scores = compute_metrics_many(t7_arr, candidates, m, min_slice=min_slice, lower_pct=lower_pct, upper_pct=upper_pct)
     records = [{"subject": subject, "method": k, "group": group, **v} for k, v in scores.items()]
     if segmentation is not None:
