@@ -27,11 +27,16 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     """``patch``: train on random square in-plane crops of this size centred near brain pixels (a multiple of
-    the model's down-sampling factor; ``null`` = whole slices as in the thesis). Validation uses whole slices."""
+    the model's down-sampling factor; ``null`` = whole slices as in the thesis). Validation uses whole slices.
+    ``standardize``: ``histmatch`` maps each 3T input's brain intensities onto the training split's mean 7T
+    histogram before the network (:func:`synth7t.intensity.standardize`; the reference is stored in the model
+    folder and applied by ``predict``), so that the network learns detail rather than one scanner's contrast;
+    ``none`` feeds the clipped min-max 3T as the thesis did."""
 
     batch_size: int = Field(16, ge=1)
     patch: int | None = Field(None, ge=8)
     num_workers: int = Field(2, ge=0)
+    standardize: Literal["none", "histmatch"] = "none"
     augment: AugmentConfig = AugmentConfig()
 
 

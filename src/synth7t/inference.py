@@ -8,7 +8,8 @@ For each input (:func:`predict_volume`):
 3. resample the brain to the model's voxel size (0.65 mm by default) *in the scan's own canonical frame*
    (linear for the image, nearest neighbour for the mask): no template, no 7T needed;
 4. crop to the brain box, pad in-plane to a multiple of the model's down-sampling factor, clipped min-max
-   normalization with the model's percentiles;
+   normalization with the model's percentiles, and the model's input standardization if it was trained with
+   one (brain intensities mapped onto the training split's 7T histogram, :mod:`synth7t.intensity`);
 5. slice-wise 2.5D inference in batches (axial slices, covariates in the context vector), optionally with
    left-right flip test-time augmentation (mean; the per-voxel standard deviation across the flips is written
    as an uncertainty map);
@@ -92,6 +93,11 @@ class Predictor:
         self.lower_pct = float(norm.get("lower_pct", 1.0))
         self.upper_pct = float(norm.get("upper_pct", 99.0))
         self.voxel_mm = tuple(float(v) for v in np.broadcast_to(self.config.get("voxel_size_mm", 0.65), (3,)))
+        std = self.config.get("input_standardization") or {"method": "none"}
+        if std.get("method", "none") not in ("none", "histmatch"):
+            raise InputError(f"{model_dir}: unknown input_standardization {std.get('method')!r} in config.json")
+        self.reference_quantiles = (np.asarray(std["reference_quantiles"], np.float64)
+                                    if std.get("method") == "histmatch" else None)
         self.checksum = hashlib.sha256((self.model_dir / "model.safetensors").read_bytes()).hexdigest()
 
     def _dtype(self, precision: str) -> torch.dtype | None:
@@ -122,9 +128,16 @@ class Predictor:
     @torch.inference_mode()
     def predict_stack(self, stack: np.ndarray, *, age=None, sex=None, group=None, batch_size: int | None = None,
                       tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """(Z, H, W) normalized 3T stack -> (prediction (Z, H, W), uncertainty or None), float32 [0, 1]."""
-        from synth7t.dataset.slices import VolumeSlices
+        """(Z, H, W) normalized 3T stack -> (prediction (Z, H, W), uncertainty or None), float32 [0, 1].
 
+        With the model's input standardization, the stack's brain intensities are first mapped onto the training
+        7T distribution (:func:`synth7t.intensity.standardize`), as in training.
+        """
+        from synth7t.dataset.slices import VolumeSlices
+        from synth7t.intensity import standardize
+
+        if self.reference_quantiles is not None:
+            stack = standardize(stack, self.reference_quantiles)
         bs = self.batch_size(stack.shape[1:], batch_size)
         while True:
             try:

@@ -140,13 +140,25 @@ def _collate(batch: list[dict]) -> dict:
     return out
 
 
+def input_reference(store, cfg: TrainConfig) -> np.ndarray | None:
+    """The reference quantiles of input standardization (``data.standardize``), from the training split's 7T."""
+    if cfg.data.standardize == "none":
+        return None
+    ref = store.target_quantiles("train")
+    if ref is None:
+        raise InputError(f"{store.root}: data.standardize={cfg.data.standardize} needs training subjects with a 7T")
+    return ref
+
+
 def make_loaders(store, cfg: TrainConfig, seed: int):
     from synth7t.dataset.augment import Augmenter
     from synth7t.dataset.slices import SliceDataset
 
     augment = Augmenter(cfg.data.augment, seed=seed) if cfg.data.augment.any_enabled else None
-    train_ds = SliceDataset(store, "train", n_slices=cfg.model.in_slices, augment=augment, seed=seed)
-    val_ds = SliceDataset(store, "val", n_slices=cfg.model.in_slices, augment=None, seed=seed)
+    reference = input_reference(store, cfg)
+    train_ds = SliceDataset(store, "train", n_slices=cfg.model.in_slices, augment=augment, seed=seed,
+                            standardize=reference)
+    val_ds = SliceDataset(store, "val", n_slices=cfg.model.in_slices, augment=None, seed=seed, standardize=reference)
     if len(train_ds) == 0:
         raise InputError(f"{store.root}: the train split has no slices")
     workers = cfg.data.num_workers
@@ -567,6 +579,7 @@ def model_config(cfg: TrainConfig, store, module) -> dict:
         "voxel_size_mm": store_voxel_size(store) if store is not None else [0.65, 0.65, 0.65],
         "multiple": cfg.model.downsample_factor,
         "normalization": meta.get("normalization", DEFAULT_NORMALIZATION),
+        "input_standardization": _standardization(store, cfg),
         "context": meta.get("context", {"dim": cfg.model.context_dim}),
         "preprocessing": meta.get("preprocessing", {}),
         "perceptual": cfg.loss.perceptual if store is not None and cfg.loss.perceptual_weight > 0 else "none",
@@ -575,6 +588,14 @@ def model_config(cfg: TrainConfig, store, module) -> dict:
         "parameters": int(sum(p.numel() for p in net.parameters())),
         "train_config": cfg.model_dump(mode="json"),
     }
+
+
+def _standardization(store, cfg: TrainConfig) -> dict:
+    """What :func:`synth7t.intensity.standardize` needs at prediction time (``{"method": "none"}`` when off)."""
+    if cfg.data.standardize == "none" or store is None:
+        return {"method": "none"}
+    return {"method": cfg.data.standardize, "reference": "training split's mean 7T brain histogram",
+            "reference_quantiles": [round(float(q), 6) for q in input_reference(store, cfg)]}
 
 
 def store_voxel_size(store) -> list[float]:

@@ -131,3 +131,32 @@ def test_cli_predict_exit_codes(tiny_model, tmp_path):
     missing = runner.invoke(app, ["predict", str(tiny_model), str(tmp_path / "absent.nii.gz"), "-o",
                                   str(tmp_path / "o"), "--preprocessed"])
     assert missing.exit_code == 1 and "file not found" in missing.output
+
+
+def test_input_standardization_is_applied_at_prediction(tmp_path):
+    """A model trained with ``data.standardize: histmatch`` maps the stack onto its reference first: an untrained
+    U-net returns its middle input slice, so its prediction is exactly the standardized stack."""
+    import torch
+
+    from synth7t.config import load_config
+    from synth7t.inference import Predictor
+    from synth7t.intensity import quantiles, standardize
+    from synth7t.nn import UNet
+    from synth7t.training import model_config, save_model_folder
+
+    cfg = load_config("tiny", {"model.channels": 8, "model.n_groups": 4, "model.head_dim": 8})
+    torch.manual_seed(0)
+    net = UNet(cfg.model)
+    config = model_config(cfg, None, net)
+    rng = np.random.default_rng(1)
+    reference = quantiles(np.clip(rng.normal(0.55, 0.15, 50_000), 0, 1))
+    config["input_standardization"] = {"method": "histmatch", "reference_quantiles": reference.tolist()}
+    folder = save_model_folder(tmp_path / "m", net.state_dict(), config, {}, "# untrained test model\n")
+    stack = np.zeros((5, 16, 24), np.float32)
+    stack[:, 2:14, 3:21] = rng.uniform(0.05, 1.0, (5, 12, 18))
+    pred, _ = Predictor(folder, "cpu").predict_stack(stack)
+    np.testing.assert_allclose(pred, np.clip(standardize(stack, reference), 0, 1), atol=1e-5)
+    config["input_standardization"] = {"method": "wavelet"}
+    bad = save_model_folder(tmp_path / "bad", net.state_dict(), config, {}, "# untrained test model\n")
+    with pytest.raises(InputError, match="input_standardization"):
+        Predictor(bad, "cpu")

@@ -7,7 +7,8 @@
   Slices read through the memmaps show in RSS as file-backed page cache (clean, reclaimable by the
   kernel); anonymous memory does not grow with the store or the epoch.
 * :class:`SliceDataset` indexes the valid slices of one split; ``dataset[i]`` is the sample of
-  ``docs/data-layout.md`` (numpy float32 arrays; torch's default collate makes tensors of them) plus
+  ``docs/data-layout.md`` (numpy float32 arrays; torch's default collate makes tensors of them; with
+  ``standardize``, the 3T input mapped onto a reference distribution, :func:`synth7t.intensity.standardize`) plus
   ``"augment"`` (JSON string of the augmentation records, ``"[]"`` without augmentation). Subjects without
   a 7T (split ``"predict"``) give samples without ``"target"``.
 * :class:`VolumeSlices` yields the 2.5D inputs of a whole ``(Z, H, W)`` stack in batches (inference).
@@ -30,6 +31,7 @@ from synth7t.dataset import context as ctx
 from synth7t.dataset.augment import Augmenter, GMMFit
 from synth7t.dataset.pack import KINDS, PREDICT_SPLIT, SPLITS, CropGeometry, read_store_meta
 from synth7t.errors import InputError
+from synth7t.intensity import standardize
 
 
 def neighbour_indices(z: int | np.ndarray, n_slices: int, depth: int) -> np.ndarray:
@@ -141,6 +143,31 @@ class SliceStore:
     def valid_slices(self, subject: str) -> np.ndarray:
         return np.asarray(self.info(subject)["valid_slices"], dtype=np.int64)
 
+    def brain_quantiles(self, subject: str, kind: str = "t3") -> np.ndarray:
+        """Quantile function (:data:`synth7t.intensity.QUANTILE_LEVELS`) of the non-zero brain values of
+        ``kind`` on the subject's valid slices (normalized units). Reads that subject's stack once."""
+        from synth7t.intensity import quantiles
+
+        z = self.valid_slices(subject)
+        x = np.asarray(self.array(subject, kind)[z], np.float32)
+        m = np.asarray(self.array(subject, "mask")[z]) > 0
+        return quantiles(x[m & (x > 0)])
+
+    def target_quantiles(self, split: str = "train") -> np.ndarray | None:
+        """Quantile function of the mean 7T brain histogram of ``split`` (valid slices, every subject weighing the
+        same): the reference of input standardization and of the ``histmatch_population`` baseline. None when the
+        split has no subject with a 7T. Reads one subject at a time."""
+        from synth7t.intensity import brain_histogram, population_quantiles
+
+        hists = []
+        for s in self.split_subjects(split):
+            if not self.info(s).get("has_t7"):
+                continue
+            z = self.valid_slices(s)
+            t7, mask = self.array(s, "t7")[z], self.array(s, "mask")[z]
+            hists.append(brain_histogram(np.asarray(t7, np.float32)[np.asarray(mask) > 0]))
+        return population_quantiles(hists) if hists else None
+
     def context(self, subject: str, z: int) -> np.ndarray:
         """Context vector (CONTEXT_DIM,) of slice ``z`` of ``subject``."""
         info = self.info(subject)
@@ -163,8 +190,11 @@ class SliceDataset:
         n_slices: int = 3,
         augment: Augmenter | None = None,
         seed: int | None = 0,
+        standardize: np.ndarray | None = None,
     ):
         self.store = store if isinstance(store, SliceStore) else SliceStore(store)
+        self.standardize = None if standardize is None else np.asarray(standardize, np.float64)
+        self._source_quantiles: dict[str, np.ndarray] = {}
         neighbour_indices(0, n_slices, 1)  # validates n_slices
         self.split = split
         self.n_slices = n_slices
@@ -197,8 +227,13 @@ class SliceDataset:
         name, z = self.locate(index)
         t3 = self.store.array(name, "t3")  # (Z, H, W) memmap
         zs = neighbour_indices(z, self.n_slices, t3.shape[0])
+        x = np.asarray(t3[zs], dtype=np.float32)  # (S, H, W): reads S slices only
+        if self.standardize is not None:
+            if name not in self._source_quantiles:
+                self._source_quantiles[name] = self.store.brain_quantiles(name, "t3")
+            x = standardize(x, self.standardize, self._source_quantiles[name])
         sample = {
-            "input": np.asarray(t3[zs], dtype=np.float32),  # (S, H, W): reads S slices only
+            "input": x,
             "mask": np.asarray(self.store.array(name, "mask")[z : z + 1], dtype=np.float32),  # (1, H, W)
             "context": self.store.context(name, z),  # (CONTEXT_DIM,)
             "subject": name,
