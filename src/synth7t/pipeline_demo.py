@@ -1,12 +1,13 @@
 """``synth7t demo``: the whole chain on the simulated demo cohort, sized for a 2-core laptop.
 
-cohort (simulated) -> preprocess (demo N4 preset, deepbet, SyN at 1 mm) -> pack -> train ``tiny``
+cohort (simulated) -> preprocess (demo N4 preset, intensity mask, SyN at 1 mm) -> pack -> train ``tiny``
 -> evaluate held-out subjects (report) -> predict one raw held-out 3T scan in its native space.
 
-Every stage resumes: rerunning the command skips what is finished. ``benchmark=True`` builds a bigger cohort
-(18 subjects: 12 train, 1 validation, 4 test after QC rejects the motion-corrupted one), trains longer, also
-trains the GAN variant for the same budget, and writes ``quality.json`` (the proxy benchmark of
-``benchmarks/quality.py``).
+Every stage resumes: rerunning the command skips what is finished. ``benchmark=True`` is the proxy quality
+benchmark of ``benchmarks/quality.py``: a bigger cohort (18 subjects: 12 train, 1 validation, 4 test after QC
+rejects the motion-corrupted one), longer training, the GAN variant for the same budget, and a *transfer* set
+(:mod:`synth7t.transfer`: real high-resolution brains, test-only, degraded by 3T recipes outside the training
+ranges; skipped with a note where those brains are absent). It writes ``quality.json``.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ log = logging.getLogger(__name__)
 
 DEMO_TRAIN = {"trainer.max_minutes": 6.0, "trainer.max_epochs": 200}
 BENCH_TRAIN = {"trainer.max_minutes": 10.0, "trainer.max_epochs": 200}
+GAN_OVERRIDES = {"critic": {"channels": 16, "n_layers": 3}, "loss.gan_weight": 0.2}
+N_TEST = {"demo": 2, "benchmark": 4}
 
 
 def run_demo(out: str | Path, *, n_subjects: int = 10, seed: int = 0, jobs: int = 2, cohort_only: bool = False,
              benchmark: bool = False, train_overrides: dict | None = None, progress: bool = True) -> dict:
     """Run the demo chain under ``out``; returns the paths it produced (and the quality table in benchmark mode)."""
-    from synth7t.demo import DemoSpec, build_demo_cohort
-
     out = Path(out)
     timings: dict[str, float] = {}
     if benchmark:
@@ -35,59 +36,49 @@ def run_demo(out: str | Path, *, n_subjects: int = 10, seed: int = 0, jobs: int 
     if n_subjects < 8 and not cohort_only:
         raise Synth7tError(f"--subjects {n_subjects}: the whole chain needs at least 8 subjects")
     t = time.perf_counter()
-    manifest = build_demo_cohort(out / "cohort", DemoSpec(n_subjects=n_subjects, seed=seed), progress=progress)
+    manifest = build_cohort(out, n_subjects, seed, progress)
     timings["cohort"] = time.perf_counter() - t
-    log.info("demo cohort (SIMULATED): %s", manifest)
     if cohort_only:
         return {"manifest": manifest}
 
     work, store, model = out / "work", out / "slices", out / "model"
     t = time.perf_counter()
-    _preprocess(manifest, work, out / "private", jobs, progress)
-    timings["preprocess"] = time.perf_counter() - t
+    prepare_store(manifest, work, store, out / "private", jobs=jobs, seed=seed,
+                  n_test=N_TEST["benchmark" if benchmark else "demo"], progress=progress)
+    timings["preprocess+pack"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from synth7t.dataset.pack import pack
-
-    n_test = 4 if benchmark else 2
-    pack(work, store, multiple=8, seed=seed, split=_split_counts(work, n_test), progress=progress)
-    timings["pack"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    from synth7t.training import train
-
-    overrides = dict(BENCH_TRAIN if benchmark else DEMO_TRAIN)
-    overrides.update(train_overrides or {})
-    if not (model / "model.safetensors").exists():
-        train(store, model, preset="tiny", overrides=overrides, resume=(model / "train_config.json").exists(),
-              progress=progress, data_notes={"simulated": True})
+    overrides = {**(BENCH_TRAIN if benchmark else DEMO_TRAIN), **(train_overrides or {})}
+    train_model(store, model, overrides, progress)
     timings["train"] = time.perf_counter() - t
 
     results = {"manifest": manifest, "work": work, "store": store, "model": model}
+    extras = {}
     if benchmark:
         t = time.perf_counter()
-        gan = out / "model_gan"
-        if not (gan / "model.safetensors").exists():
-            gan_over = {**overrides, "critic": {"channels": 16, "n_layers": 3}, "loss.gan_weight": 0.2}
-            train(store, gan, preset="tiny", overrides=gan_over, resume=(gan / "train_config.json").exists(),
-                  progress=progress, data_notes={"simulated": True})
-        results["model_gan"] = gan
+        extras["gan"] = train_model(store, out / "model_gan", {**overrides, **GAN_OVERRIDES}, progress)
+        results["model_gan"] = extras["gan"]
         timings["train_gan"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from synth7t.evaluation.evaluate import evaluate
+    from synth7t.evaluation.evaluate import evaluate, quality_table
 
     results["report"] = evaluate(model, store, out / "report", split="test", progress=progress,
-                                 extra_models={"gan": results["model_gan"]} if benchmark else None)
+                                 extra_models=extras or None)
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    results["native_prediction"] = _predict_one_raw(model, manifest, work, out, progress)
+    results["native_prediction"] = _predict_one_raw(model, manifest, out, progress)
     timings["predict_raw"] = time.perf_counter() - t
     if benchmark:
-        from synth7t.evaluation.evaluate import quality_table
+        t = time.perf_counter()
+        quality = quality_table(out / "report")
+        quality["transfer"] = transfer_scores(out / "transfer", model, store, extras, jobs=jobs, progress=progress)
+        timings["transfer"] = time.perf_counter() - t
+        from synth7t.io import write_json
 
-        results["quality"] = quality_table(out / "report", out / "quality.json")
+        write_json(out / "quality.json", quality)
+        results["quality"] = quality
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     from synth7t.io import write_json
 
@@ -96,30 +87,90 @@ def run_demo(out: str | Path, *, n_subjects: int = 10, seed: int = 0, jobs: int 
     return results
 
 
-def _preprocess(manifest: Path, work: Path, private: Path, jobs: int, progress: bool) -> None:
+def build_cohort(out: Path, n_subjects: int, seed: int, progress: bool) -> Path:
+    from synth7t.demo import DemoSpec, build_demo_cohort
+
+    manifest = build_demo_cohort(out / "cohort", DemoSpec(n_subjects=n_subjects, seed=seed), progress=progress)
+    log.info("demo cohort (SIMULATED): %s", manifest)
+    return manifest
+
+
+def prepare_store(manifest: Path, work: Path, store: Path, private: Path, *, jobs: int, seed: int,
+                  n_test: int | None, progress: bool) -> dict[str, str]:
+    """Preprocess a (demo or transfer) cohort and pack it; ``n_test=None`` puts every subject in the test split.
+
+    Returns the ID -> pseudonym mapping of the preprocessed subjects.
+    """
+    from synth7t.dataset.pack import pack
     from synth7t.preprocess.pipeline import preprocess
 
-    # the demo's images are brains without skull (the template is skull-stripped): an intensity mask strips them
+    # the demo's images are brains without skull (simulated from a skull-stripped template): an intensity mask
+    # strips them
     res = preprocess(manifest, work, jobs=jobs, fast=True, skullstrip="threshold", key_file=private / "pseudonym.key",
                      mapping_file=private / "mapping.json", progress=progress)
     if res.failed:
         log.warning("preprocessing failed for %d subject(s): %s", len(res.failed), res.failed)
+    usable = _usable(work)
+    split = (0, 0, usable) if n_test is None else _split_counts(usable, n_test, work)
+    pack(work, store, multiple=8, seed=seed, split=split, progress=progress)
+    return dict(res.pseudonyms)
 
 
-def _split_counts(work: Path, n_test: int) -> tuple[int, int, int]:
-    """(train, val, test) subject counts for the usable subjects of a work folder (one validation subject)."""
+def train_model(store: Path, folder: Path, overrides: dict, progress: bool) -> Path:
+    """Train the ``tiny`` preset with ``overrides`` into ``folder`` (resuming a killed run; skipping a done one)."""
+    from synth7t.training import train
+
+    if not (folder / "model.safetensors").exists():
+        train(store, folder, preset="tiny", overrides=overrides, resume=(folder / "train_config.json").exists(),
+              progress=progress, data_notes={"simulated": True})
+    return folder
+
+
+def transfer_scores(folder: Path, model: Path, train_store: Path, extra_models: dict | None = None, *,
+                    jobs: int = 2, highres: Path | None = None, segmentation: str = "auto",
+                    progress: bool = True) -> dict:
+    """Evaluate ``model`` on the transfer set (built, preprocessed and packed under ``folder`` on first use).
+
+    Returns the :func:`~synth7t.evaluation.evaluate.quality_table` of the transfer subjects with ``groups`` per
+    brain, or ``{"skipped": reason}`` where the test-only brains are absent. The ``histmatch_population``
+    baseline uses ``train_store``'s training split.
+    """
+    from synth7t.evaluation.evaluate import evaluate, quality_table
+    from synth7t.transfer import build_transfer_cohort, default_highres_dir
+
+    highres = highres or default_highres_dir()
+    if highres is None:
+        reason = "the test-only high-resolution brains (shared/data/highres) are not on this machine"
+        log.warning("transfer set skipped: %s", reason)
+        return {"skipped": reason}
+    manifest = build_transfer_cohort(folder / "cohort", highres)
+    pseudonyms = prepare_store(manifest, folder / "work", folder / "slices", folder / "private", jobs=jobs, seed=0,
+                               n_test=None, progress=progress)
+    report = folder / f"report-{Path(model).name}"
+    evaluate(model, folder / "slices", report, split="test", segmentation=segmentation, progress=progress,
+             extra_models=extra_models or None, reference=train_store)
+    groups = {pseudo: sid.split("-")[1] for sid, pseudo in pseudonyms.items()}  # tr-<brain>-<recipe>
+    return quality_table(report, report / "quality.json", groups=groups)
+
+
+def _usable(work: Path) -> int:
     from synth7t.io import read_json
 
     usable = 0
     for d in sorted(p for p in work.iterdir() if p.is_dir() and (p / ".done").exists()):
         qc = read_json(d / "qc.json") if (d / "qc.json").exists() else {}
         usable += not qc.get("rejected", False)
+    return usable
+
+
+def _split_counts(usable: int, n_test: int, work: Path) -> tuple[int, int, int]:
+    """(train, val, test) subject counts for the usable subjects of a work folder (one validation subject)."""
     if usable < n_test + 2:
         raise Synth7tError(f"{work}: only {usable} usable subjects; the demo needs at least {n_test + 2}")
     return usable - n_test - 1, 1, n_test
 
 
-def _predict_one_raw(model: Path, manifest: Path, work: Path, out: Path, progress: bool) -> Path | None:
+def _predict_one_raw(model: Path, manifest: Path, out: Path, progress: bool) -> Path | None:
     """Predict the raw 3T scan of the first test subject in its own space (the users' everyday command)."""
     import csv
 
