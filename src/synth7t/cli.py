@@ -284,11 +284,19 @@ def evaluate(
     segmentation: Annotated[str, typer.Option(help="auto (SynthSeg if on PATH, else Atropos), synthseg, atropos "
                                               "or none.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    reference: Annotated[Path | None, typer.Option(help="Slice store whose training split gives the population 7T "
+                                                    "histogram of the histmatch_population baseline (default: "
+                                                    "DATA's own).")] = None,
 ) -> None:
-    """Metrics (PSNR, SSIM, HFEN, DICE) of the model and of interpolation baselines on held-out subjects."""
+    """Metrics (PSNR, SSIM, HFEN, DICE) of the model and of the baselines on held-out subjects.
+
+    Baselines: the 3T input, trilinear and cubic B-spline interpolation from 1 mm, B-spline + histogram matching
+    to the training split's mean 7T histogram (histmatch_population) and, as a labelled upper bound of any global
+    intensity mapping, to the subject's own 7T (histmatch_oracle).
+    """
     from synth7t.evaluation.evaluate import evaluate as evaluate_fn
 
-    index = evaluate_fn(model, data, out, split=split, segmentation=segmentation, device=device)
+    index = evaluate_fn(model, data, out, split=split, segmentation=segmentation, device=device, reference=reference)
     typer.echo(f"report: {index}")
 
 

@@ -13,6 +13,7 @@ from synth7t.dataset.augment import (
     Augmenter,
     BiasField,
     Blur,
+    DropCovariates,
     ElasticDeformation,
     GMMAugment,
     GMMFit,
@@ -30,6 +31,7 @@ from synth7t.dataset.augment import (
 from synth7t.dataset.slices import SliceDataset
 
 ALL_ON = {k: {"enabled": True} for k in ("gmm", "elastic", "blur", "bias", "scale", "noise")}
+ALL_ON["covariates"] = {"enabled": True, "p_drop": 1.0}
 
 
 def _sample(rng, s=3, hw=(32, 40)):
@@ -135,7 +137,7 @@ def test_replay_is_identical_and_records_round_trip():
     aug = Augmenter(AugmentConfig.model_validate(ALL_ON), seed=7)
     out = aug(s, gmm=gmm)
     records = json.loads(out["augment"])
-    assert [r["name"] for r in records] == ["gmm", "elastic", "blur", "bias", "scale", "noise"]
+    assert [r["name"] for r in records] == ["gmm", "elastic", "blur", "bias", "scale", "noise", "covariates"]
     again = replay(s, out["augment"])
     for key in ("input", "target", "mask"):
         assert np.array_equal(again[key], out[key]), key
@@ -196,6 +198,9 @@ def test_intensity_transforms_formulas():
         assert np.all(noisy[~brain] == 0)
         d = (noisy - s["input"])[brain]
         assert abs(d.std() - 0.05) < 0.01
+    ctx = np.array([0.5, 1, 1, 0, 0, 1, 0.3], np.float32)  # age 75, F, ill, above the middle slice
+    dropped = DropCovariates(True, False, True)({**s, "context": ctx})["context"]
+    np.testing.assert_array_equal(dropped, np.float32([0, 0, 1, 0, 0, 0, 0.3]))  # age, group unknown; sex, position kept
     blurred = Blur((0.0, 1.5, 0.0))(s)["input"]  # along H only
     assert np.all(blurred[~brain] == 0)
     assert blurred[brain].std() < s["input"][brain].std()

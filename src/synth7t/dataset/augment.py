@@ -7,8 +7,9 @@ halves:
 * a deterministic transform (frozen dataclass with explicit parameters) that only **applies** them.
 
 :class:`Augmenter` draws the enabled transforms, applies them in a fixed order (GMM intensity, elastic,
-blur, bias field, scaling, noise) and records them in ``sample["augment"]`` as a JSON string (a list of
-``{"name": ..., **params}`` dicts; a string so that torch's default collate keeps it as a list of strings).
+blur, bias field, scaling, noise, covariate drop-out) and records them in ``sample["augment"]`` as a JSON
+string (a list of ``{"name": ..., **params}`` dicts; a string so that torch's default collate keeps it as a list
+of strings).
 :func:`replay` applies recorded parameters again and gives bit-identical output.
 
 Intensity transforms change only the 3T ``input`` and keep the background (exact 0) at 0; the elastic
@@ -390,8 +391,32 @@ class Blur(Transform):
         return _with_input(sample, out)
 
 
+@dataclass(frozen=True)
+class DropCovariates(Transform):
+    """Mark covariates unknown in the context vector (``age``, ``sex``, diagnosis ``group``), as for a user who
+    lacks them: the model learns to predict without them instead of meeting "unknown" first at prediction time.
+    Uses the layout of :mod:`synth7t.dataset.context` (age: value and known flag; sex and group: one-hots)."""
+
+    name: ClassVar[str] = "covariates"
+    age: bool
+    sex: bool
+    group: bool
+
+    def __call__(self, sample: dict) -> dict:
+        from synth7t.dataset.context import CONTEXT_ORDER
+
+        ctx = np.array(sample["context"], dtype=np.float32)
+        names = {"age": ("age_scaled", "age_known"), "sex": ("sex_F", "sex_M"), "group": ("healthy", "ill")}
+        for what, keys in names.items():
+            if getattr(self, what):
+                ctx[[CONTEXT_ORDER.index(k) for k in keys]] = 0.0
+        out = dict(sample)
+        out["context"] = ctx
+        return out
+
+
 TRANSFORMS: dict[str, type[Transform]] = {
-    t.name: t for t in (GMMIntensity, ElasticDeformation, Blur, BiasField, IntensityScale, Noise)
+    t.name: t for t in (GMMIntensity, ElasticDeformation, Blur, BiasField, IntensityScale, Noise, DropCovariates)
 }
 
 
@@ -461,6 +486,10 @@ class NoiseAugment(_Aug):
     max_std: float = Field(0.03, ge=0.0, le=1.0, description="std ~ U(0, a) (normalized units)")
 
 
+class CovariateAugment(_Aug):
+    p_drop: float = Field(0.3, ge=0.0, le=1.0, description="each covariate is marked unknown with this probability")
+
+
 class AugmentConfig(BaseModel):
     """Augmentations, each off by default; strengths in normalized [0, 1] intensity units or pixels."""
 
@@ -471,6 +500,7 @@ class AugmentConfig(BaseModel):
     bias: BiasAugment = BiasAugment()
     scale: ScaleAugment = ScaleAugment()
     noise: NoiseAugment = NoiseAugment()
+    covariates: CovariateAugment = CovariateAugment()
 
     @property
     def any_enabled(self) -> bool:
@@ -542,6 +572,15 @@ class RandomNoise:
         return Noise(self.cfg.kind, float(rng.uniform(0, self.cfg.max_std)), int(rng.integers(0, 2**31 - 1)))
 
 
+class RandomDropCovariates:
+    def __init__(self, cfg: CovariateAugment):
+        self.cfg = cfg
+
+    def draw(self, rng: np.random.Generator, hw: tuple[int, int], gmm: GMMFit | None) -> Transform | None:
+        age, sex, group = (bool(v) for v in rng.random(3) < self.cfg.p_drop)
+        return DropCovariates(age, sex, group) if (age or sex or group) else None
+
+
 _RANDOM = {
     "gmm": RandomGMMIntensity,
     "elastic": RandomElastic,
@@ -549,13 +588,14 @@ _RANDOM = {
     "bias": RandomBiasField,
     "scale": RandomScale,
     "noise": RandomNoise,
+    "covariates": RandomDropCovariates,
 }
 
 
 class Augmenter:
     """Draws, applies and records the augmentations enabled in ``cfg``.
 
-    Order: GMM, elastic, blur, bias, scale, noise.
+    Order: GMM, elastic, blur, bias, scale, noise, covariates.
 
     ``seed`` seeds the generator used when a call passes no ``rng``; :class:`SliceDataset` passes a
     per-sample generator so that results do not depend on the number of DataLoader workers.
