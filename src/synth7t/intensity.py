@@ -79,31 +79,41 @@ def histogram_match(image: np.ndarray, mask: np.ndarray, reference_quantiles: np
     return out
 
 
-def quantile_map(values: np.ndarray, source_quantiles: np.ndarray, reference_quantiles: np.ndarray) -> np.ndarray:
-    """Map values through ``Q_ref(F_src(v))``: piecewise linear between the quantiles (float32, monotone).
-
-    Tied source quantiles (a clipped intensity shared by many voxels) map to the mean of their reference
-    quantiles; values outside the source range map to the end values.
-    """
+def quantile_table(source_quantiles: np.ndarray, reference_quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Knots ``(xs, ys)`` of the piecewise-linear map ``Q_ref(F_src(v))`` (:func:`quantile_map`)."""
     src = np.asarray(source_quantiles, np.float64)
     ref = np.asarray(reference_quantiles, np.float64)
     if src.shape != QUANTILE_LEVELS.shape or ref.shape != QUANTILE_LEVELS.shape:
         raise ValueError(f"quantile functions must have {QUANTILE_LEVELS.size} values")
     xs, inverse = np.unique(src, return_inverse=True)
     ys = np.bincount(inverse, weights=ref) / np.bincount(inverse)
-    return np.interp(np.asarray(values, np.float64), xs, ys).astype(np.float32)
+    return xs.astype(np.float32), ys.astype(np.float32)
 
 
-def standardize(stack: np.ndarray, reference_quantiles: np.ndarray,
-                source_quantiles: np.ndarray | None = None) -> np.ndarray:
+def quantile_map(values: np.ndarray, source_quantiles: np.ndarray, reference_quantiles: np.ndarray) -> np.ndarray:
+    """Map values through ``Q_ref(F_src(v))``: piecewise linear between the quantiles (float32, monotone).
+
+    Tied source quantiles (a clipped intensity shared by many voxels) map to the mean of their reference
+    quantiles; values outside the source range map to the end values.
+    """
+    xs, ys = quantile_table(source_quantiles, reference_quantiles)
+    return np.interp(np.asarray(values, np.float32), xs, ys).astype(np.float32)
+
+
+def standardize(stack: np.ndarray, reference_quantiles: np.ndarray | None = None,
+                source_quantiles: np.ndarray | None = None, *,
+                table: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Input standardization of a normalized 3T stack: its brain voxels (``> 0``) mapped onto the reference
-    distribution by :func:`quantile_map`; the background stays 0. ``source_quantiles`` default to the stack's own.
+    distribution by :func:`quantile_map`; the background stays 0. ``source_quantiles`` default to the stack's own;
+    a precomputed :func:`quantile_table` (``table``) replaces both quantile arguments.
     """
     x = np.asarray(stack, np.float32)
     brain = x > 0
-    out = np.zeros_like(x)
     if not brain.any():
-        return out
-    src = quantiles(x[brain]) if source_quantiles is None else source_quantiles
-    out[brain] = quantile_map(x[brain], src, reference_quantiles)
+        return np.zeros_like(x)
+    if table is None:
+        src = quantiles(x[brain]) if source_quantiles is None else source_quantiles
+        table = quantile_table(src, reference_quantiles)
+    out = np.interp(x, *table).astype(np.float32)
+    out[~brain] = 0
     return out

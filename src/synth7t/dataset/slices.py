@@ -31,7 +31,7 @@ from synth7t.dataset import context as ctx
 from synth7t.dataset.augment import Augmenter, GMMFit
 from synth7t.dataset.pack import KINDS, PREDICT_SPLIT, SPLITS, CropGeometry, read_store_meta
 from synth7t.errors import InputError
-from synth7t.intensity import standardize
+from synth7t.intensity import quantile_table, standardize
 
 
 def neighbour_indices(z: int | np.ndarray, n_slices: int, depth: int) -> np.ndarray:
@@ -194,7 +194,7 @@ class SliceDataset:
     ):
         self.store = store if isinstance(store, SliceStore) else SliceStore(store)
         self.standardize = None if standardize is None else np.asarray(standardize, np.float64)
-        self._source_quantiles: dict[str, np.ndarray] = {}
+        self._tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per subject: its 3T -> reference map
         neighbour_indices(0, n_slices, 1)  # validates n_slices
         self.split = split
         self.n_slices = n_slices
@@ -229,9 +229,9 @@ class SliceDataset:
         zs = neighbour_indices(z, self.n_slices, t3.shape[0])
         x = np.asarray(t3[zs], dtype=np.float32)  # (S, H, W): reads S slices only
         if self.standardize is not None:
-            if name not in self._source_quantiles:
-                self._source_quantiles[name] = self.store.brain_quantiles(name, "t3")
-            x = standardize(x, self.standardize, self._source_quantiles[name])
+            if name not in self._tables:
+                self._tables[name] = quantile_table(self.store.brain_quantiles(name, "t3"), self.standardize)
+            x = standardize(x, table=self._tables[name])
         sample = {
             "input": x,
             "mask": np.asarray(self.store.array(name, "mask")[z : z + 1], dtype=np.float32),  # (1, H, W)
