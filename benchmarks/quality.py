@@ -16,8 +16,8 @@ Prints brain PSNR, brain SSIM (3-D), HFEN and tissue DICE, and the model's margi
 ``synth7t demo --benchmark --out DIR`` (which writes ``DIR/quality.json``); everything resumes if interrupted.
 
 ``--ablation`` trains variants of the ``tiny`` preset on the same cohort, each for ``--minutes`` (augmentations
-off / GMM only / blur+noise+bias only / all; architecture switches), and prints one row per variant with its
-margins on both sets (no DICE, to keep the run short). Writes ``DIR/ablation.json``.
+off / GMM only / blur+noise+bias only / all; without input standardization; architecture switches), and prints
+one row per variant with its margins on both sets (no DICE, to keep the run short). Writes ``DIR/ablation.json``.
 
     python benchmarks/quality.py [--out quality-run] [--jobs 2]
     python benchmarks/quality.py --ablation [--minutes 5] [--variants none,all]
@@ -39,6 +39,7 @@ ABLATIONS: dict[str, dict] = {
     "augment: GMM only": {**AUG_OFF, "data.augment.gmm.enabled": True},
     "augment: blur+noise+bias": {**AUG_OFF, **{f"data.augment.{k}.enabled": True for k in ("blur", "noise", "bias")}},
     "augment: all (tiny default)": {},
+    "no input standardization": {"data.standardize": "none"},
 }
 
 

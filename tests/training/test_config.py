@@ -23,6 +23,8 @@ def test_presets_match_the_thesis_tables():
     assert all(load_config(p).data.augment.any_enabled is False for p in PRESETS if p != "tiny")
     tiny = load_config("tiny").data.augment
     assert tiny.gmm.enabled and tiny.blur.enabled and tiny.noise.enabled and tiny.bias.enabled
+    assert load_config("tiny").data.standardize == "histmatch"
+    assert all(load_config(p).data.standardize == "none" for p in PRESETS if p != "tiny")
 
 
 def test_overrides_are_typed():
