@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from synth7t.nn import AdaDM, ContextEmbedding, CrossAttention, ResBlock, SelfAttention, sinusoidal_2d
+from synth7t.nn import (
+    AdaDM,
+    ContextEmbedding,
+    CrossAttention,
+    FeedForward,
+    ResBlock,
+    SelfAttention,
+    TransformerBlock,
+    sinusoidal_2d,
+)
 
 
 def test_adadm_matches_hand_computation():
@@ -106,3 +115,81 @@ def test_self_attention_uses_position():
 def test_context_embedding_shape():
     emb = ContextEmbedding(7, n_tokens=4, width=12)
     assert emb(torch.randn(3, 7)).shape == (3, 4, 12)
+
+
+# ------------------------------------------------------------------------------ positions and thesis blocks
+def test_sinusoidal_2d_of_a_patch_is_the_crop_of_the_whole_slice():
+    whole = sinusoidal_2d(12, 10, 16).reshape(12, 10, 16)
+    offsets = torch.tensor([[4, 2], [0, 6]])
+    patches = sinusoidal_2d(6, 4, 16, offset=offsets).reshape(2, 6, 4, 16)
+    torch.testing.assert_close(patches[0], whole[4:10, 2:6], rtol=0, atol=0)
+    torch.testing.assert_close(patches[1], whole[0:6, 6:10], rtol=0, atol=0)
+    torch.testing.assert_close(sinusoidal_2d(3, 4, 8, offset=torch.zeros(1, 2)), sinusoidal_2d(3, 4, 8)[None])
+    with pytest.raises(ValueError, match=r"offset must be \(B, 2\)"):
+        sinusoidal_2d(3, 4, 8, offset=torch.zeros(2))
+
+
+def _attend(q, k, v):
+    return torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+def test_feed_forward_is_geglu():
+    torch.manual_seed(3)
+    ff = FeedForward(4, mult=2)
+    t = torch.randn(5, 4)
+    h = t @ ff.inp.weight.T + ff.inp.bias  # (5, 16)
+    a, g = h[:, :8], h[:, 8:]
+    expected = (a * torch.nn.functional.gelu(g)) @ ff.out.weight.T + ff.out.bias
+    torch.testing.assert_close(ff(t), expected, rtol=1e-5, atol=1e-6)
+    assert ff.inp.out_features == 2 * 2 * 4 and ff.out.in_features == 2 * 4
+
+
+def test_transformer_block_is_self_then_cross_then_feed_forward_with_residuals():
+    """Figure 25 by hand: t = W_in GN(x); t += SA(LN1 t + PE); t += CA(LN2 t, ctx); t += FF(LN3 t); x + W_out t."""
+    torch.manual_seed(4)
+    ch, width = 8, 6
+    block = TransformerBlock(ch, 1, n_groups=2, self_attention=True, second="cross", context_width=width)
+    torch.nn.init.normal_(block.proj_out.weight)  # zero at init (identity block): give it weights
+    x = torch.randn(1, ch, 3, 4)
+    ctx = torch.randn(1, 5, width)
+    calls = []
+    for name in ("attn1", "attn2", "ff"):
+        getattr(block, name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    out = block(x, ctx)
+    assert calls == ["attn1", "attn2", "ff"]
+
+    t = block.norm(x)[0].permute(1, 2, 0).reshape(12, ch) @ block.proj_in.weight.T + block.proj_in.bias  # (N, C)
+    a = block.norm1(t) + sinusoidal_2d(3, 4, ch)
+    q, k, v = (a @ block.attn1.qkv.weight.T).split(ch, dim=1)
+    t = t + _attend(q, k, v) @ block.attn1.out.weight.T + block.attn1.out.bias
+    q = block.norm2(t) @ block.attn2.q.weight.T
+    k, v = (ctx[0] @ block.attn2.kv.weight.T).split(ch, dim=1)
+    t = t + _attend(q, k, v) @ block.attn2.out.weight.T + block.attn2.out.bias
+    t = t + block.ff(block.norm3(t))
+    expected = x + (t @ block.proj_out.weight.T + block.proj_out.bias).T.reshape(1, ch, 3, 4)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_block_variants():
+    torch.manual_seed(5)
+    x, ctx = torch.randn(2, 16, 4, 3), torch.randn(2, 3, 10)
+    fig26 = TransformerBlock(16, 1, 4, self_attention=True, second="self")  # bottleneck: two self-attentions
+    assert not fig26.attn1.cross and not fig26.attn2.cross
+    torch.testing.assert_close(fig26(x), x)  # starts as the identity (W_out = 0)
+    no_self = TransformerBlock(16, 2, 4, self_attention=False, second="cross", context_width=10)
+    assert no_self.attn1 is None and no_self.attn2.cross
+    assert no_self(x, ctx).shape == x.shape
+    with pytest.raises(ValueError, match="needs context tokens"):
+        no_self(x)
+    with pytest.raises(ValueError, match="not divisible by 3 heads"):
+        TransformerBlock(16, 3, 4, second="self")
+    with pytest.raises(ValueError, match="needs context_width"):
+        TransformerBlock(16, 1, 4, second="cross")
+
+
+def test_transformer_block_parameters_match_monai_spatial_transformer():
+    monai = pytest.importorskip("monai.networks.nets.diffusion_model_unet")
+    ref = monai.SpatialTransformer(2, 32, num_attention_heads=1, num_head_channels=32, norm_num_groups=8,
+                                   cross_attention_dim=10)
+    ours = TransformerBlock(32, 1, 8, self_attention=True, second="cross", context_width=10)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
