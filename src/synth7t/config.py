@@ -27,10 +27,18 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     """``patch``: train on random square in-plane crops of this size centred near brain pixels (a multiple of
-    the model's down-sampling factor; ``null`` = whole slices as in the thesis). Validation uses whole slices."""
+    the model's down-sampling factor; ``null`` = whole slices as in the thesis). Validation uses whole slices.
+
+    ``patch_offsets``: give the model each patch's position in its slice, so that the positional encodings of
+    self-attention are those of the whole slice that prediction sees (the patch's corner is snapped to a
+    multiple of the down-sampling factor, so its pooled grids are crops of the slice's). ``false`` (the default,
+    kept for presets trained before this option) encodes positions from the patch's own corner: a model that
+    self-attends then meets at prediction positions it never saw in training.
+    """
 
     batch_size: int = Field(16, ge=1)
     patch: int | None = Field(None, ge=8)
+    patch_offsets: bool = False
     num_workers: int = Field(2, ge=0)
     augment: AugmentConfig = AugmentConfig()
 
@@ -38,9 +46,9 @@ class DataConfig(_Strict):
 class OptimConfig(_Strict):
     """Adam and the thesis' learning-rate schedules (3.4.1).
 
-    ``schedule``: ``plateau`` (ReduceLROnPlateau on the training loss, divide by 10 after ``patience`` checks),
-    ``step`` (multiply by ``factor`` every ``every_steps`` optimizer steps), ``epoch`` (multiply by ``factor``
-    each epoch) or ``none``.
+    ``schedule``: ``plateau`` (ReduceLROnPlateau stepped once per epoch on the epoch's mean training loss, as the
+    thesis did: multiply by ``factor`` after ``patience`` epochs without improvement), ``step`` (multiply by
+    ``factor`` every ``every_steps`` optimizer steps), ``epoch`` (multiply by ``factor`` each epoch) or ``none``.
     """
 
     lr: float = Field(1e-4, gt=0)
