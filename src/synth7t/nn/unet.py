@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ContextEmbedding, CrossAttention, ResBlock, SelfAttention, TransformerBlock
+from .blocks import ContextEmbedding, CrossAttention, ResBlock, SelfAttention, TransformerBlock, group_norm_silu
 from .config import UNetConfig
 
 __all__ = ["UNet"]
@@ -224,8 +224,7 @@ class UNet(nn.Module):
                 h = self.up[i](h, ctx, offs[i], skips=kept)
             else:
                 h = self.up[i](torch.cat((h, kept[i]), dim=1), ctx, offs[i])
-        if self.out_norm is not None:
-            h = self.out_norm(h)
-        residual = self.out_conv(F.silu(h))  # (B, 1, H, W)
+        h = group_norm_silu(self.out_norm, h) if self.out_norm is not None else F.silu(h)
+        residual = self.out_conv(h)  # (B, 1, H, W)
         y = mid_slice + residual.to(mid_slice.dtype)
         return y if self.training else y.clamp(0.0, 1.0)
