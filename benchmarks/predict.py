@@ -190,10 +190,12 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
-def run(what: str, preset: str, precision: str, repeats: int, threads: int) -> dict:
+def run(what: str, preset: str, precision: str, repeats: int, threads: int, passive: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--presets", preset, "--precision", precision,
            "--repeats", str(repeats), "--threads", str(threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if what == "profile":
         print(out.stdout.split("RESULT ")[0])
@@ -214,6 +216,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--preprocess", action="store_true")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (see train_step.py)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -221,7 +224,8 @@ def main() -> None:
         args.preset = args.presets[0]
         child(args)
         return
-    print(f"loadavg at start: {os.getloadavg()[0]:.2f} (machine cores: {os.cpu_count()}); {args.threads} threads")
+    print(f"loadavg at start: {os.getloadavg()[0]:.2f} (machine cores: {os.cpu_count()}); {args.threads} threads"
+          f"{'; OMP_WAIT_POLICY=PASSIVE' if args.omp_passive else ''}")
     if args.preprocess:
         pre = run("preprocess", "tiny", "fp32", 1, args.threads)
         print(f"preprocessing of a 1 mm head (separate from the network): N4 3t {pre.get('n4_3t', 0):.1f} s, "
@@ -234,7 +238,7 @@ def main() -> None:
     rows = []
     for preset in args.presets:
         for precision in args.precisions:
-            res = {i: run(i, preset, precision, args.repeats, args.threads) for i in args.impls}
+            res = {i: run(i, preset, precision, args.repeats, args.threads, args.omp_passive) for i in args.impls}
             rows.append({"preset": preset, "precision": precision, **res})
 
             def ratio(ref, res=res):
@@ -246,7 +250,7 @@ def main() -> None:
             errs = "".join(f"  [{labels[i]}: {res[i]['error']}]" for i in args.impls if "error" in res[i])
             print(f"{preset:10} {precision:5} {secs} {ratio('monai-tuned'):>10} {ratio('monai-thesis'):>11} | {rams}"
                   f"{errs}", flush=True)
-        facts = run("facts", preset, "bf16", 1, args.threads)
+        facts = run("facts", preset, "bf16", 1, args.threads, args.omp_passive)
         bf16 = next((r["ours"] for r in rows if r["preset"] == preset and r["precision"] == "bf16"), {})
         if "flops_per_slice" in facts and "seconds" in bf16:
             rate = facts["flops_per_slice"] * STACK[0] / bf16["seconds"]
@@ -256,7 +260,7 @@ def main() -> None:
                   f"a brain would take {facts['flops_per_slice'] * STACK[0] / (0.5 * facts['matmul_peak']):.0f} s")
         if args.profile:
             print(f"\nwhere the time goes: {preset}, ours, one bf16 forward of {BATCH} slices")
-            run("profile", preset, "bf16", 1, args.threads)
+            run("profile", preset, "bf16", 1, args.threads, args.omp_passive)
     print(f"loadavg at end: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

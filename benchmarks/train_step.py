@@ -153,6 +153,8 @@ def run_one(args: argparse.Namespace, impl: str, preset: str, precision: str) ->
            str(args.threads), "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
            "--device", args.device]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if args.omp_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
@@ -172,6 +174,9 @@ def parse_args(argv=None, what: str = "train") -> argparse.Namespace:
     ap.add_argument("--width", type=int, default=224)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, default=None, help="also write all figures to this file")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for every network: on a machine shared with other jobs, spinning "
+                         "OpenMP threads stall each other (here: a 7x slower step at 2 threads)")
     # accepted for the older command line (predict_forward.py's docstring): both MONAI modes always run now
     ap.add_argument("--monai-tuned", action="store_true", help=argparse.SUPPRESS)
     # worker-only options
@@ -198,7 +203,8 @@ def main(argv=None, what: str = "train") -> None:
     print(f"{args.mode}: batch {args.batch} x 3 x {args.height} x {args.width}, {args.device}, {args.threads} threads, "
           f"median of {args.repeats} after 1 warm-up, {unit}; {mem}; ratio = MONAI / ours (> 1: ours faster)",
           flush=True)
-    print(f"loadavg at start: {os.getloadavg()[0]:.2f} (machine cores: {os.cpu_count()})", flush=True)
+    print(f"loadavg at start: {os.getloadavg()[0]:.2f} (machine cores: {os.cpu_count()})"
+          f"{'; OMP_WAIT_POLICY=PASSIVE' if args.omp_passive else ''}", flush=True)
     cols = [LABELS[i] for i in args.impls]
     print(f"{'preset':10} {'prec':5} " + " ".join(f"{c:>13}" for c in cols)
           + f" {'tuned/ours':>10} {'thesis/ours':>11} | " + " ".join(f"{c + ' MB':>16}" for c in cols)

@@ -1,10 +1,17 @@
 """Building blocks of the U-net: AdaDM, residual block, self- and cross-attention, context embedding.
 
-Every block is written directly on ``torch.nn`` (one level of abstraction below ``unet.py``). Attention uses
-``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on CPU and CUDA) with heads of
-``head_dim`` channels, and tokens are made by a free reshape of a channels-last feature map: the narrow-head,
-per-block-recomputed attention of MONAI's ``DiffusionModelUNet`` was half of the thesis model's forward time
-(DESIGN.md, "Where the time goes").
+Every block is written directly on ``torch.nn`` (one level of abstraction below ``unet.py``). Tokens are made by
+a free reshape of a channels-last feature map, and the context path is computed once per forward, not per
+block. Where the time went in MONAI's ``DiffusionModelUNet`` (DESIGN.md, "Where the time goes") and in this
+file's first versions, measured on this project's CPU, and what each costs here instead:
+
+* attention: :func:`attention` (fused ``scaled_dot_product_attention``, or exact chunked attention with its own
+  memory-light backward for bf16 on CPU, 2-3x faster there);
+* AdaDM's ``torch.std`` of each block input (a fifth of the forward): taken from the group norm's statistics
+  (:func:`group_norm_silu`);
+* GroupNorm -> SiLU: one autograd function that keeps only its input (one activation-sized tensor less per norm
+  in training) with a fast bf16 channels-last backward (PyTorch's native one is 10x slower on that layout);
+* 1x1 convolutions: one matrix product on the channels-last map (:class:`PointwiseConv2d`).
 
 Two families of attention blocks (``UNetConfig.attention_block``): the *light* blocks (:class:`SelfAttention`,
 :class:`CrossAttention`: one attention layer each) and the *thesis* block (:class:`TransformerBlock`: Ho et al.'s
@@ -28,9 +35,12 @@ __all__ = [
     "ContextEmbedding",
     "CrossAttention",
     "FeedForward",
+    "PointwiseConv2d",
     "ResBlock",
     "SelfAttention",
     "TransformerBlock",
+    "attention",
+    "group_norm_silu",
     "sinusoidal_2d",
 ]
 
@@ -402,10 +412,14 @@ def _zero_(layer: nn.Linear) -> nn.Linear:
 
 
 class SelfAttention(nn.Module):
-    """Bottleneck self-attention block (thesis 2.1.4, figures 26-27), a pre-norm transformer layer.
+    """The light network's bottleneck self-attention (thesis 2.1.4): one pre-norm transformer layer.
+
+    Lighter than the thesis' figure 26 block (:class:`TransformerBlock` with ``second="self"``): one attention
+    layer, not two, and no 1x1 projections around it.
 
     ``t = tokens(GN(x)) + PE``; ``x' = x + W_o MHA(t W_q, t W_k, t W_v)``; ``out = x' + FF(LN(x'))``, with
-    ``FF = Linear(C, 4C) -> GELU -> Linear(4C, C)``. Output projections start at zero (identity block).
+    ``FF = Linear(C, 4C) -> GELU -> Linear(4C, C)``. Output projections start at zero (identity block). ``PE`` is
+    taken at the map's position in the whole slice (``offset``, see :func:`sinusoidal_2d`).
     """
 
     def __init__(self, ch: int, n_heads: int, n_groups: int, ff_mult: int = 4):
@@ -453,7 +467,7 @@ class ContextEmbedding(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Cross-attention from image tokens to context tokens (thesis 2.1.5, figure 25).
+    """The light network's cross-attention from image tokens to context tokens (the attention of thesis figure 25).
 
     ``q = tokens(GN(x)) W_q`` (B, nh, N, hd); ``k, v = ctx W_k, ctx W_v`` (B, nh, T, hd);
     ``out = x + W_o softmax(q k^T / sqrt(hd)) v``. The context path (``ContextEmbedding``) is computed once
