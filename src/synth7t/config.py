@@ -28,13 +28,20 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """``patch``: train on random square in-plane crops of this size centred near brain pixels (a multiple of
     the model's down-sampling factor; ``null`` = whole slices as in the thesis). Validation uses whole slices.
+    ``patch_offsets``: give the model each patch's position in its slice, so that the positional encodings of
+    self-attention are those of the whole slice that prediction sees (the patch's corner is snapped to a
+    multiple of the down-sampling factor, so its pooled grids are crops of the slice's). ``false`` (the default,
+    kept for presets trained before this option) encodes positions from the patch's own corner: a model that
+    self-attends then meets at prediction positions it never saw in training.
     ``standardize``: ``histmatch`` maps each 3T input's brain intensities onto the training split's mean 7T
     histogram before the network (:func:`synth7t.intensity.standardize`; the reference is stored in the model
     folder and applied by ``predict``), so that the network learns detail rather than one scanner's contrast;
-    ``none`` feeds the clipped min-max 3T as the thesis did."""
+    ``none`` feeds the clipped min-max 3T as the thesis did.
+    """
 
     batch_size: int = Field(16, ge=1)
     patch: int | None = Field(None, ge=8)
+    patch_offsets: bool = False
     num_workers: int = Field(2, ge=0)
     standardize: Literal["none", "histmatch"] = "none"
     augment: AugmentConfig = AugmentConfig()
@@ -43,9 +50,9 @@ class DataConfig(_Strict):
 class OptimConfig(_Strict):
     """Adam and the thesis' learning-rate schedules (3.4.1).
 
-    ``schedule``: ``plateau`` (ReduceLROnPlateau on the training loss, divide by 10 after ``patience`` checks),
-    ``step`` (multiply by ``factor`` every ``every_steps`` optimizer steps), ``epoch`` (multiply by ``factor``
-    each epoch) or ``none``.
+    ``schedule``: ``plateau`` (ReduceLROnPlateau stepped once per epoch on the epoch's mean training loss, as the
+    thesis did: multiply by ``factor`` after ``patience`` epochs without improvement), ``step`` (multiply by
+    ``factor`` every ``every_steps`` optimizer steps), ``epoch`` (multiply by ``factor`` each epoch) or ``none``.
     """
 
     lr: float = Field(1e-4, gt=0)

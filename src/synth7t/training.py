@@ -73,11 +73,13 @@ class EpochIndexed(torch.utils.data.Dataset):
 
     With ``patch``, a random ``patch x patch`` in-plane crop (centred on a random brain pixel, shifted to stay
     inside the slice) of input, target and mask is returned; its position is drawn from a generator seeded by
-    ``(seed, epoch, i)``, so it is the same whatever the worker count and after a resume.
+    ``(seed, epoch, i)``, so it is the same whatever the worker count and after a resume. With ``align`` (> 0),
+    the crop's corner is snapped to a multiple of ``align`` and returned as ``sample["offset"]`` (see
+    :func:`random_patch`).
     """
 
-    def __init__(self, dataset, patch: int | None = None, seed: int = 0):
-        self.dataset, self.patch, self.seed = dataset, patch, seed
+    def __init__(self, dataset, patch: int | None = None, seed: int = 0, align: int = 0):
+        self.dataset, self.patch, self.seed, self.align = dataset, patch, seed, align
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -89,22 +91,34 @@ class EpochIndexed(torch.utils.data.Dataset):
         sample = self.dataset[i]
         if self.patch is None:
             return sample
-        return random_patch(sample, self.patch, np.random.default_rng([self.seed, epoch, i, 1]))
+        return random_patch(sample, self.patch, np.random.default_rng([self.seed, epoch, i, 1]), self.align)
 
 
-def random_patch(sample: dict, size: int, rng: np.random.Generator) -> dict:
-    """Crop the (C, H, W) arrays of a sample to ``size x size`` around a random brain pixel."""
+def random_patch(sample: dict, size: int, rng: np.random.Generator, align: int = 0) -> dict:
+    """Crop the (C, H, W) arrays of a sample to ``size x size`` around a random brain pixel.
+
+    ``align`` > 0: the crop's top-left corner (y0, x0) is rounded down to a multiple of ``align`` (the model's
+    down-sampling factor: every pooled grid of the patch is then a crop of the whole slice's grid) and returned
+    as ``out["offset"] = [y0, x0]`` (int64), for the model's positional encodings. ``align`` = 0 draws the same
+    crops as ``align`` = 1 and returns no offset.
+    """
     h, w = sample["input"].shape[-2:]
     if size > h or size > w:
         raise ConfigError(f"data.patch {size} is larger than the slices ({h}x{w})")
+    if align < 0 or (align and (size % align or (h - size) % align or (w - size) % align)):
+        raise ConfigError(f"patch alignment {align}: patch {size} and slices {h}x{w} must be multiples of it")
     brain = np.argwhere(sample["mask"][0] > 0)
     cy, cx = brain[rng.integers(len(brain))] if len(brain) else (h // 2, w // 2)
     y0 = int(np.clip(cy - size // 2, 0, h - size))
     x0 = int(np.clip(cx - size // 2, 0, w - size))
+    if align:
+        y0, x0 = y0 - y0 % align, x0 - x0 % align
     out = dict(sample)
     for key in ("input", "target", "mask"):
         if key in sample:
             out[key] = np.ascontiguousarray(sample[key][:, y0 : y0 + size, x0 : x0 + size])
+    if align:
+        out["offset"] = np.array([y0, x0], np.int64)
     return out
 
 
@@ -164,7 +178,8 @@ def make_loaders(store, cfg: TrainConfig, seed: int):
     workers = cfg.data.num_workers
     common = dict(batch_size=cfg.data.batch_size, num_workers=workers, collate_fn=_collate,
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
-    train = torch.utils.data.DataLoader(EpochIndexed(train_ds, cfg.data.patch, seed),
+    align = cfg.model.downsample_factor if cfg.data.patch_offsets else 0
+    train = torch.utils.data.DataLoader(EpochIndexed(train_ds, cfg.data.patch, seed, align),
                                         sampler=EpochSampler(len(train_ds), seed),
                                         drop_last=len(train_ds) > cfg.data.batch_size, **common)
     val = None
@@ -215,8 +230,9 @@ def _lightning_module_class():
         def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
             return super().load_state_dict(state_dict, strict=False, **kwargs)
 
-        def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-            return self.generator(x, context)
+        def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                    offset: torch.Tensor | None = None) -> torch.Tensor:
+            return self.generator(x, context, offset)
 
         def synthesis_loss(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
             """L1 + lambda_perc * perceptual (thesis 2.1.6)."""
@@ -229,61 +245,69 @@ def _lightning_module_class():
             return parts
 
         # -- training ----------------------------------------------------------------------------------
+        def on_train_epoch_start(self) -> None:
+            self._epoch_loss = [torch.zeros((), device=self.device, dtype=torch.float64), 0]
+
+        def _add_epoch_loss(self, loss: torch.Tensor) -> None:
+            if not hasattr(self, "_epoch_loss"):
+                self.on_train_epoch_start()
+            self._epoch_loss[0] = self._epoch_loss[0] + loss.detach().double()
+            self._epoch_loss[1] += 1
+
         def training_step(self, batch: dict, batch_idx: int):
             if self.critic is not None:
                 return self._gan_step(batch, batch_idx)
-            pred = self(batch["input"], batch["context"])
+            pred = self(batch["input"], batch["context"], batch.get("offset"))
             parts = self.synthesis_loss(pred, batch["target"])
+            self._add_epoch_loss(parts["loss"])
             self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=True, on_step=True,
                           on_epoch=False, batch_size=pred.shape[0])
             return parts["loss"]
 
         def _gan_step(self, batch: dict, batch_idx: int):
             """WGAN-GP (Gulrajani et al. 2017): one critic update per batch, a generator update every n_critic."""
-            from synth7t.nn.losses import critic_loss, generator_adv_loss, gradient_penalty
-
             opt_g, opt_d = self.optimizers()
-            real = batch["target"]
+            x, ctx, offset, real = batch["input"], batch["context"], batch.get("offset"), batch["target"]
             with torch.no_grad():
-                fake = self(batch["input"], batch["context"])
-            gp = gradient_penalty(self.critic, real, fake.detach())
-            d_loss, wasserstein = critic_loss(self.critic(real), self.critic(fake.detach()), gp,
-                                              gp_weight=self.cfg.loss.gp_weight)
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            opt_d.step()
-            logs = {"train/critic_loss": d_loss.detach(), "train/wasserstein": wasserstein.detach(),
-                    "train/gp": gp.detach()}
+                fake = self(x, ctx, offset)
+            logs = critic_update(self.critic, opt_d, real, fake, self.cfg.loss.gp_weight, self.manual_backward)
             if (batch_idx + 1) % self.cfg.loss.n_critic == 0:
-                pred = self(batch["input"], batch["context"])
-                parts = self.synthesis_loss(pred, real)
-                adv = generator_adv_loss(self.critic(pred))
-                g_loss = parts["loss"] + self.cfg.loss.gan_weight * adv
-                opt_g.zero_grad(set_to_none=True)
-                self.manual_backward(g_loss)
-                if self.cfg.optim.grad_clip:
-                    self.clip_gradients(opt_g, gradient_clip_val=self.cfg.optim.grad_clip,
-                                        gradient_clip_algorithm="norm")
-                opt_g.step()
-                self._step_schedulers(g_loss)
+                clip = self.cfg.optim.grad_clip
+                parts = generator_update(
+                    self, self.critic, opt_g, x, ctx, real, self.cfg.loss.gan_weight, self.manual_backward,
+                    clip=(lambda: self.clip_gradients(opt_g, gradient_clip_val=clip, gradient_clip_algorithm="norm"))
+                    if clip else None, offset=offset,
+                )
+                self._add_epoch_loss(parts["loss"])
+                if self.cfg.optim.schedule == "step":
+                    self._scheduler().step()
                 logs.update({f"train/{k}": v.detach() for k, v in parts.items()})
-                logs["train/adversarial"] = adv.detach()
             self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=real.shape[0])
 
-        def _step_schedulers(self, loss: torch.Tensor) -> None:
+        def _scheduler(self):
             sched = self.lr_schedulers()
-            if sched is None or self.cfg.optim.schedule == "epoch":
-                return
-            sched = sched[0] if isinstance(sched, list) else sched
-            if self.cfg.optim.schedule == "plateau":
-                sched.step(loss.detach())
-            else:
-                sched.step()
+            return sched[0] if isinstance(sched, list) else sched
+
+        def lr_scheduler_step(self, scheduler, metric) -> None:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                return  # stepped in on_train_epoch_end, on the epoch's mean loss, before the epoch's checkpoint
+            super().lr_scheduler_step(scheduler, metric)
 
         def on_train_epoch_end(self) -> None:
-            if self.critic is not None and self.cfg.optim.schedule == "epoch":
-                sched = self.lr_schedulers()
-                (sched[0] if isinstance(sched, list) else sched).step()
+            """Epoch schedules: ``plateau`` on the epoch's mean training loss (thesis 3.4.1), ``epoch`` (GAN)."""
+            schedule = self.cfg.optim.schedule
+            if schedule == "plateau":
+                total, count = getattr(self, "_epoch_loss", (None, 0))
+                stats = torch.stack([total.double(), torch.tensor(float(count), device=total.device,
+                                                                  dtype=torch.float64)]) if count else None
+                if stats is not None and self.trainer.world_size > 1:
+                    stats = self.all_gather(stats).reshape(-1, 2).sum(0)
+                if stats is not None and stats[1] > 0:
+                    mean = (stats[0] / stats[1]).float()
+                    self.log("train/epoch_loss", mean, on_step=False, on_epoch=True, sync_dist=False)
+                    self._scheduler().step(mean.item())
+            elif self.critic is not None and schedule == "epoch":
+                self._scheduler().step()
 
         # -- validation --------------------------------------------------------------------------------
         def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -316,16 +340,57 @@ def _lightning_module_class():
             if self.critic is None:
                 if sched is None:
                     return opt_g
-                interval = "epoch" if o.schedule == "epoch" else "step"
+                interval = "step" if o.schedule == "step" else "epoch"
                 cfg = {"scheduler": sched, "interval": interval}
-                if o.schedule == "plateau":
-                    cfg.update(monitor="train/loss", interval="step", frequency=max(1, o.every_steps // 10))
+                if o.schedule == "plateau":  # stepped by on_train_epoch_end (see lr_scheduler_step)
+                    cfg.update(monitor="train/epoch_loss", strict=False)
                 return {"optimizer": opt_g, "lr_scheduler": cfg}
             opt_d = torch.optim.Adam(self.critic.parameters(), lr=self.cfg.loss.critic_lr,
                                      betas=self.cfg.loss.critic_betas)
             return ([opt_g, opt_d], [sched] if sched is not None else [])
 
     return Synth7tModule
+
+
+def critic_update(critic, opt_d, real: torch.Tensor, fake: torch.Tensor, gp_weight: float,
+                  backward=torch.Tensor.backward) -> dict[str, torch.Tensor]:
+    """One WGAN-GP critic step: minimise ``D(fake) - D(real) + gp_weight * GP``; returns detached logs.
+
+    ``backward(loss)`` is Lightning's ``manual_backward`` in training (precision plugins), plain autograd in tests.
+    """
+    from synth7t.nn.losses import critic_loss, gradient_penalty
+
+    fake = fake.detach()
+    gp = gradient_penalty(critic, real, fake)
+    d_loss, wasserstein = critic_loss(critic(real), critic(fake), gp, gp_weight=gp_weight)
+    opt_d.zero_grad(set_to_none=True)
+    backward(d_loss)
+    opt_d.step()
+    return {"train/critic_loss": d_loss.detach(), "train/wasserstein": wasserstein.detach(), "train/gp": gp.detach()}
+
+
+def generator_update(module, critic, opt_g, x: torch.Tensor, context: torch.Tensor | None, real: torch.Tensor,
+                     gan_weight: float, backward=torch.Tensor.backward, clip=None,
+                     offset: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One generator step on ``L1 + lambda_perc * perceptual + gan_weight * (-D(G(x)))``; returns the loss parts.
+
+    ``module`` has ``forward(x, context, offset)`` and ``synthesis_loss(pred, target)`` (the LightningModule);
+    ``clip()`` clips the gradients before the step. The critic gets gradients here but is not stepped (its
+    optimizer zeroes them before its next step).
+    """
+    from synth7t.nn.losses import generator_adv_loss
+
+    pred = module(x, context, offset)
+    parts = module.synthesis_loss(pred, real)
+    adv = generator_adv_loss(critic(pred))
+    opt_g.zero_grad(set_to_none=True)
+    backward(parts["loss"] + gan_weight * adv)
+    if clip is not None:
+        clip()
+    opt_g.step()
+    parts = {k: v.detach() for k, v in parts.items()}
+    parts["adversarial"] = adv.detach()
+    return parts
 
 
 def _scheduler(opt, o):
@@ -406,6 +471,7 @@ def train(
     store_obj = SliceStore(store)
     cfg = _resolve_config(out, preset, overrides, config, resume)
     _check_store_fits(store_obj, cfg)
+    _warn_patch_positions(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "train_config.json", cfg.model_dump(mode="json"))
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -485,6 +551,14 @@ def _resume_checkpoint(ckpt_dir: Path, resume: bool) -> str | None:
         log.warning("%s: no checkpoint yet; starting from the beginning", ckpt_dir)
         return None
     return str(last)
+
+
+def _warn_patch_positions(cfg: TrainConfig) -> None:
+    m = cfg.model
+    if cfg.data.patch and not cfg.data.patch_offsets and m.self_attention and m.attention_stages:
+        log.warning("training on %d-pixel patches with self-attention but data.patch_offsets false: positions "
+                    "restart at each patch's corner, unlike prediction on whole slices (set data.patch_offsets=true)",
+                    cfg.data.patch)
 
 
 def _check_store_fits(store, cfg: TrainConfig) -> None:
@@ -605,6 +679,24 @@ def store_voxel_size(store) -> list[float]:
     return [round(float(z), 4) for z in np.sqrt((affine[:3, :3] ** 2).sum(0))]
 
 
+def architecture_summary(m) -> str:
+    """One line on the attention design of a UNetConfig, for the model card."""
+    heads = f"{m.attention_heads} head{'s' if m.attention_heads != 1 else ''}" if m.attention_heads else \
+        f"heads of {m.head_dim} channels"
+    if m.attention_block == "thesis":
+        block = "thesis attention blocks (self-attention -> cross-attention -> feed-forward)"
+    else:
+        block = "light attention blocks"
+    parts = [block, heads, f"{m.n_up_blocks} residual blocks per up stage"]
+    if not m.self_attention:
+        parts.append("no self-attention")
+    if not m.covariates:
+        parts.append("covariates ignored")
+    if not m.out_norm:
+        parts.append("no last normalization")
+    return ", ".join(parts)
+
+
 def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
     """A short human-readable card: what the model is, what it was trained on, what it is not for."""
     t = d["training_data"]
@@ -615,11 +707,12 @@ def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
         f"# synth7t model ({cfg.preset})\n\n"
         f"Turns 3T T1-weighted brain MRI into a synthetic 7T-like image at {d['voxel_size_mm']} mm.\n\n"
         f"- Architecture: 2.5D attention residual U-net, {cfg.model.in_slices} input slices, channels "
-        f"{cfg.model.stage_channels}, {'WGAN-GP critic' if cfg.is_gan else 'no critic'}.\n"
+        f"{cfg.model.stage_channels}, {architecture_summary(cfg.model)}, "
+        f"{'WGAN-GP critic' if cfg.is_gan else 'no critic'}; {d['parameters']:,} parameters.\n"
         f"- Loss: L1 + {cfg.loss.perceptual_weight:g} x perceptual ({d['perceptual']}).\n"
         f"- Training data: {t['n_train']} training / {t['n_val']} validation / {t['n_test']} test subjects.{sim}\n"
         f"- Training: {metrics.get('epochs', '?')} epochs, {metrics.get('steps', '?')} steps, "
-        f"{metrics.get('train_seconds', '?')} s; {d['parameters']:,} parameters.\n- Validation: {val}.\n\n"
+        f"{metrics.get('train_seconds', '?')} s.\n- Validation: {val}.\n\n"
         "## Intended use\nResearch on brain MRI: producing 7T-like images from 3T scans for visualisation and for\n"
         "downstream analyses whose sensitivity to synthetic data has been checked. Outputs are estimates learnt\n"
         "from paired data; they can miss or invent detail, especially for anatomy unlike the training cohort\n"

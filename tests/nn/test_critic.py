@@ -36,3 +36,25 @@ def test_input_checks():
         critic(torch.rand(1, 2, 8, 8))
     with pytest.raises(ValueError, match="CriticConfig"):
         PatchCritic(None)
+
+
+def test_residual_critic():
+    """Thesis 5.2: residual blocks after each down-sampling layer; same output size, starts as the plain critic."""
+    from synth7t.nn import CriticResBlock, gradient_penalty
+
+    torch.manual_seed(0)
+    plain = PatchCritic(CriticConfig(channels=4, n_layers=2))
+    res = PatchCritic(CriticConfig(channels=4, n_layers=2, residual=True))
+    blocks = [m for m in res.modules() if isinstance(m, CriticResBlock)]
+    assert len(blocks) == 2
+    outer = [m for m in res.net if not isinstance(m, CriticResBlock)]
+    for a, b in zip(plain.net, outer, strict=True):  # same weights outside the residual blocks
+        b.load_state_dict(a.state_dict())
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(res(x), plain(x))  # the residual branches start at zero
+    for b in blocks:
+        torch.nn.init.normal_(b.body[-1].weight, std=0.2)
+    assert (res(x) - plain(x)).abs().max() > 1e-4
+    gp = gradient_penalty(res, x, torch.rand(2, 1, 16, 16))
+    gp.backward()  # double backward through the residual blocks
+    assert blocks[0].body[2].weight.grad is not None

@@ -16,6 +16,9 @@ def small_cfg(**kw) -> UNetConfig:
     return UNetConfig(**base)
 
 
+THESIS = dict(attention_block="thesis", attention_heads=1, up_path="ho")
+
+
 @pytest.mark.parametrize(
     "kw",
     [
@@ -24,6 +27,12 @@ def small_cfg(**kw) -> UNetConfig:
         dict(channel_mult=(1, 2, 2), cross_attention_stages=(), self_attention=False),
         dict(in_slices=5),
         dict(in_slices=1, n_res=2, adadm=False, dropout=0.1),
+        THESIS,
+        dict(THESIS, channel_mult=(1, 2, 2), cross_attention_stages=(2, 3, 4), n_res=2),
+        dict(THESIS, self_attention=False),
+        dict(THESIS, cross_attention_stages=(), covariates=False, out_norm=False),
+        dict(THESIS, up_path="stage", attention_heads=None),
+        dict(up_path="ho", adadm=False),
     ],
 )
 @pytest.mark.parametrize("with_context", [False, True])
@@ -121,3 +130,89 @@ def test_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+
+def test_thesis_network_structure():
+    """Thesis presets: transformer blocks after every CA-stage block (n_res down, n_res + 1 up), fig. 26 bottleneck."""
+    from synth7t.nn import TransformerBlock
+
+    cfg = small_cfg(channel_mult=(1, 2, 2), cross_attention_stages=(2, 3), n_res=2, **THESIS)
+    model = UNet(cfg)
+    assert [len(s.res) for s in model.down] == [2, 2, 2] and [len(s.res) for s in model.up] == [3, 3, 3]
+    assert model.down[0].attn is None and len(model.down[1].attn) == 2 and len(model.up[2].attn) == 3
+    assert all(isinstance(b, TransformerBlock) and b.attn2.cross and b.attn1 is not None for b in model.up[1].attn)
+    mid = model.mid.attn
+    assert isinstance(mid, TransformerBlock) and mid.second == "self"  # bottleneck (stage 4) not listed: fig. 26
+    assert UNet(small_cfg(channel_mult=(1, 2, 2), cross_attention_stages=(4,), **THESIS)).mid.attn.second == "cross"
+    assert all(m.n_heads == 1 for m in model.modules() if hasattr(m, "n_heads"))
+    assert UNet(small_cfg(**THESIS, cross_attention_stages=(), self_attention=False)).mid.attn is None
+
+
+def test_ho_up_path_matches_monai_skip_channels():
+    """Each up block's input channels (previous output + one kept map) are those of MONAI's DiffusionModelUNet."""
+    monai = pytest.importorskip("monai.networks.nets")
+    cfg = small_cfg(channel_mult=(1, 2, 4), n_res=2, cross_attention_stages=(), **THESIS)
+    ref = monai.DiffusionModelUNet(spatial_dims=2, in_channels=3, out_channels=1, num_res_blocks=2,
+                                   channels=cfg.stage_channels, attention_levels=(False,) * 3, norm_num_groups=4)
+    ref_in = [r.channels for block in ref.up_blocks for r in block.resnets]
+    ours = [r.conv1.in_channels for stage in reversed(UNet(cfg).up) for r in stage.res]
+    assert ours == ref_in
+
+
+def test_covariates_switch_and_last_norm_switch():
+    torch.manual_seed(1)
+    for kw in (dict(), THESIS):
+        model = UNet(small_cfg(covariates=False, **kw)).eval()
+        for m in model.modules():  # give the zero-initialised output projections weights
+            for name in ("proj", "proj_out", "out_conv"):
+                if isinstance(getattr(m, name, None), (torch.nn.Linear, torch.nn.Conv2d)):
+                    torch.nn.init.normal_(getattr(m, name).weight, std=0.3)
+        x = torch.rand(2, 3, 16, 16)
+        torch.testing.assert_close(model(x, torch.randn(2, 7) * 3), model(x, None))  # the covariates are ignored
+    assert UNet(small_cfg(out_norm=False)).out_norm is None
+    assert isinstance(UNet(small_cfg()).out_norm, torch.nn.GroupNorm)
+
+
+@pytest.mark.parametrize("kw", [dict(), THESIS], ids=["light", "thesis"])
+def test_patch_positions_are_crops_of_whole_slice_positions(kw, monkeypatch):
+    """Every positional encoding a patch sees at its offset is the crop of the one the whole slice sees."""
+    import synth7t.nn.blocks as blocks
+
+    cfg = small_cfg(channel_mult=(1, 2, 2), cross_attention_stages=(2, 3, 4), **kw)
+    model = UNet(cfg).eval()
+    seen = []
+    original = blocks.sinusoidal_2d
+
+    def record(h, w, c, device=None, dtype=None, offset=None):
+        pe = original(h, w, c, device, dtype, offset)
+        seen.append((h, w, c, pe))
+        return pe
+
+    monkeypatch.setattr(blocks, "sinusoidal_2d", record)
+    x = torch.rand(1, 3, 32, 24)
+    model(x)
+    whole = list(seen)
+    seen.clear()
+    y0, x0 = 8, 12  # a multiple of the down-sampling factor 4
+    model(x[:, :, y0 : y0 + 16, x0 : x0 + 8], None, torch.tensor([[y0, x0]]))
+    assert len(seen) == len(whole) > 0
+    for (h, w, c, pe), (hh, ww, cc, pe_whole) in zip(seen, whole, strict=True):
+        f = 32 // hh  # this map's down-sampling
+        crop = pe_whole.reshape(hh, ww, cc)[y0 // f : y0 // f + h, x0 // f : x0 // f + w]
+        torch.testing.assert_close(pe.reshape(h, w, c), crop, rtol=0, atol=0)
+
+
+def test_offset_reaches_self_attention_only():
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 16, 16)
+    for kw, moves in ((THESIS, True), (dict(THESIS, self_attention=False), False)):
+        model = UNet(small_cfg(**kw)).eval()
+        for m in model.modules():
+            if isinstance(getattr(m, "proj_out", None), torch.nn.Linear):
+                torch.nn.init.normal_(m.proj_out.weight, std=0.5)
+        torch.nn.init.normal_(model.out_conv.weight, std=0.5)
+        a, b = model(x, None, torch.zeros(2, 2)), model(x, None, torch.tensor([[40, 8], [0, 16]]))
+        torch.testing.assert_close(a, model(x))  # offset 0 = whole slice
+        assert ((a - b).abs().max() > 1e-6) == moves
+    with pytest.raises(ValueError, match=r"offset must be \(B, 2\)"):
+        model(x, None, torch.zeros(2, 3))

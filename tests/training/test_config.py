@@ -25,6 +25,34 @@ def test_presets_match_the_thesis_tables():
     assert tiny.gmm.enabled and tiny.blur.enabled and tiny.noise.enabled and tiny.bias.enabled
     assert load_config("tiny").data.standardize == "histmatch"
     assert all(load_config(p).data.standardize == "none" for p in PRESETS if p != "tiny")
+    for cfg in (unc, bio, gan):  # the thesis code's network (2.1.5, 3.4.1): Ho's blocks, one head, n_res + 1 up
+        m = cfg.model
+        assert (m.attention_block, m.attention_heads, m.up_path, m.self_attention) == ("thesis", 1, "ho", True)
+        assert cfg.data.patch_offsets
+    assert unc.optim.patience == 5  # epochs
+
+
+def test_tiny_keeps_the_light_network_and_aligns_patch_positions():
+    """New architecture options default to today's network; tiny keeps the light block but, since it self-attends
+    on 96-pixel patches and predicts whole slices, it encodes each patch's position in its slice."""
+    tiny = load_config("tiny")
+    m = tiny.model
+    assert (m.attention_block, m.attention_heads, m.up_path, m.covariates, m.out_norm) == ("light", None, "stage",
+                                                                                           True, True)
+    assert tiny.data.patch == 96 and tiny.data.patch_offsets is True
+
+
+def test_ablation_switches_are_settable():
+    cfg = load_config("biofinder", {"model.attention_block": "light", "model.self_attention": "false",
+                                    "model.adadm": "false", "model.covariates": "false", "model.out_norm": "false",
+                                    "model.attention_heads": "null", "model.up_path": "stage",
+                                    "critic": "{channels: 8, n_layers: 2, residual: true}"})
+    m = cfg.model
+    assert (m.attention_block, m.self_attention, m.adadm, m.covariates, m.out_norm) == ("light", False, False, False,
+                                                                                        False)
+    assert m.attention_heads is None and m.up_path == "stage" and cfg.critic.residual
+    with pytest.raises(ConfigError, match="model.attention_block"):
+        load_config("unc", {"model.attention_block": "monai"})
 
 
 def test_overrides_are_typed():
@@ -79,3 +107,25 @@ def test_random_patch_is_reproducible_and_centred_on_brain():
     assert a["mask"].sum() > 0
     with pytest.raises(ConfigError, match="larger than the slices"):
         random_patch(sample, 128, np.random.default_rng(0))
+
+
+def test_random_patch_offsets_are_aligned_and_locate_the_crop():
+    import numpy as np
+
+    from synth7t.training import random_patch
+
+    img = np.arange(64 * 80, dtype=np.float32).reshape(1, 64, 80)
+    mask = np.zeros((1, 64, 80), np.float32)
+    mask[0, 30:45, 37:52] = 1
+    sample = {"input": np.repeat(img, 3, 0), "target": img.copy(), "mask": mask}
+    for seed in range(5):
+        plain = random_patch(sample, 16, np.random.default_rng(seed))
+        aligned = random_patch(sample, 16, np.random.default_rng(seed), align=8)
+        assert "offset" not in plain
+        y0, x0 = aligned["offset"]
+        assert y0 % 8 == 0 and x0 % 8 == 0
+        np.testing.assert_array_equal(aligned["target"][0], img[0, y0 : y0 + 16, x0 : x0 + 16])
+        py, px = divmod(int(plain["target"][0, 0, 0]), 80)  # the unaligned corner: same draw, rounded down
+        assert (y0, x0) == (py - py % 8, px - px % 8)
+    with pytest.raises(ConfigError, match="multiples of it"):
+        random_patch(sample, 12, np.random.default_rng(0), align=8)

@@ -29,6 +29,8 @@ def test_model_folder_is_self_describing(trained):
     assert metrics["epochs"] >= 1 and 5 < metrics["val/psnr_brain"] < 60
     assert "Not a clinical device" in (trained / "model_card.md").read_text()
     net, _ = load_generator(trained)
+    assert cfg["parameters"] == net.count_parameters() > 0
+    assert f"{cfg['parameters']:,} parameters" in (trained / "model_card.md").read_text()
     x = torch.rand(2, 3, 16, 16)
     assert net(x, torch.zeros(2, 7)).shape == (2, 1, 16, 16)
 
@@ -97,3 +99,122 @@ def test_ssim_map_of_identical_images_is_one():
     x = torch.rand(1, 1, 24, 24)
     assert torch.allclose(ssim_map(x, x), torch.ones_like(x), atol=1e-5)
     assert ssim_map(x, torch.rand(1, 1, 24, 24)).mean() < 0.5
+
+
+def _epoch_means(out):
+    """Mean of the logged per-step train/loss of each epoch, from the CSV log."""
+    import csv
+
+    rows = list(csv.DictReader(next((out / "logs" / "csv").glob("version_*/metrics.csv")).open()))
+    per_epoch: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("train/loss"):
+            per_epoch.setdefault(int(float(r["epoch"])), []).append(float(r["train/loss"]))
+    return [sum(v) / len(v) for _, v in sorted(per_epoch.items())], rows
+
+
+def test_plateau_steps_once_per_epoch_on_the_epoch_mean_loss(tiny_store, tmp_path, fast_training, monkeypatch):
+    """Thesis 3.4.1: ReduceLROnPlateau per epoch on the epoch's mean training loss, patience in epochs."""
+    from synth7t.nn import UNet
+
+    _, store = tiny_store
+    calls = []
+    original = torch.optim.lr_scheduler.ReduceLROnPlateau.step
+
+    def step(self, metrics, *args, **kwargs):
+        calls.append(float(metrics))
+        return original(self, metrics, *args, **kwargs)
+
+    offsets = []
+    forward = UNet.forward
+
+    def record(self, x, context=None, offset=None):
+        if self.training:
+            offsets.append(offset)
+        return forward(self, x, context, offset)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step", step)
+    monkeypatch.setattr(UNet, "forward", record)
+    over = {**fast_training, "trainer.max_epochs": 3, "trainer.limit_train_batches": 3, "optim.schedule": "plateau",
+            "optim.patience": 0,
+            "optim.factor": 0.5, "data.patch_offsets": True}
+    out = train(store, tmp_path / "plateau", preset="tiny", overrides=over, progress=False)
+    means, rows = _epoch_means(out)
+    assert len(calls) == 3 == len(means)  # once per epoch (3 steps each), not per step
+    for got, want in zip(calls, means, strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+    lrs = [float(r["lr-Adam"]) for r in rows if r.get("lr-Adam")]
+    expected = 2e-3
+    for e in range(1, 3):  # patience 0: the lr halves after every epoch whose mean did not improve
+        if means[e - 1] >= min(means[: e - 1], default=float("inf")):
+            expected *= 0.5
+    assert lrs[-1] == pytest.approx(expected)
+    # patches carry their slice offsets (multiples of the model's down-sampling factor 4) into the model
+    assert offsets and all(o is not None and o.shape[1] == 2 and bool((o % 4 == 0).all()) for o in offsets)
+
+
+@pytest.fixture
+def gan_module():
+    """The training module of a small WGAN-GP configuration, and a fixed batch."""
+    from synth7t.config import load_config
+    from synth7t.training import _lightning_module_class
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny", {"model.channels": 8, "model.n_groups": 4, "model.head_dim": 8, "loss.perceptual": "none",
+                               "critic": {"channels": 8, "n_layers": 2}, "loss.gan_weight": 50.0})
+    module = _lightning_module_class()(cfg.model_dump(mode="json"))
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.avg_pool2d(torch.rand(4, 3, 32, 32, generator=g), 3, 1, 1)
+    real = (x[:, 1:2] + 0.3 * (x[:, 1:2] - torch.nn.functional.avg_pool2d(x[:, 1:2], 5, 1, 2))).clamp(0, 1)
+    return module, x, torch.randn(4, 7, generator=g), real
+
+
+def test_critic_step_raises_the_wasserstein_estimate(gan_module):
+    """Critic steps raise D(real) - D(fake) on a fixed batch (pure Wasserstein ascent, gp_weight 0), and with the
+    gradient penalty they lower the full critic loss -W + 10 GP (same interpolation draws before and after)."""
+    from synth7t.nn.losses import critic_loss, gradient_penalty
+    from synth7t.training import critic_update
+
+    module, x, ctx, real = gan_module
+    critic = module.critic
+    with torch.no_grad():
+        fake = module(x, ctx)
+
+    def estimate():
+        with torch.no_grad():
+            return (critic(real).mean() - critic(fake).mean()).item()
+
+    def full_loss():
+        gp = gradient_penalty(critic, real, fake, generator=torch.Generator().manual_seed(5))
+        return critic_loss(critic(real), critic(fake), gp, gp_weight=10.0)[0].item()
+
+    opt_d = torch.optim.Adam(critic.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    before = estimate()
+    for _ in range(3):
+        logs = critic_update(critic, opt_d, real, fake, gp_weight=0.0)
+    assert estimate() > before + 1e-3, (before, estimate())
+    assert {"train/critic_loss", "train/wasserstein", "train/gp"} <= logs.keys()
+    before = full_loss()
+    for _ in range(3):
+        critic_update(critic, opt_d, real, fake, gp_weight=10.0)
+    assert full_loss() < before, (before, full_loss())
+
+
+def test_generator_step_lowers_the_adversarial_loss(gan_module):
+    from synth7t.training import generator_update
+
+    module, x, ctx, real = gan_module
+    module.train()
+    critic = module.critic
+    opt_g = torch.optim.Adam(module.generator.parameters(), lr=1e-3)
+
+    def adversarial():
+        with torch.no_grad():
+            return -critic(module(x, ctx)).mean().item()  # -D(G(x))
+
+    before = adversarial()
+    critic_before = [p.detach().clone() for p in critic.parameters()]
+    parts = generator_update(module, critic, opt_g, x, ctx, real, gan_weight=module.cfg.loss.gan_weight)
+    assert adversarial() < before - 1e-4, (before, adversarial())
+    assert all(torch.equal(a, b) for a, b in zip(critic_before, critic.parameters(), strict=True))  # not stepped
+    assert {"l1", "loss", "adversarial"} <= parts.keys()

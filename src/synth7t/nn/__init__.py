@@ -4,9 +4,18 @@ See ``synth7t.nn.unet`` for the architecture (thesis 2.1-2.2). Importing this pa
 neither MONAI nor deepbet (the perceptual networks are built on demand by :func:`build_perceptual`).
 """
 
-from .blocks import AdaDM, ContextEmbedding, CrossAttention, ResBlock, SelfAttention, sinusoidal_2d
+from .blocks import (
+    AdaDM,
+    ContextEmbedding,
+    CrossAttention,
+    FeedForward,
+    ResBlock,
+    SelfAttention,
+    TransformerBlock,
+    sinusoidal_2d,
+)
 from .config import CONTEXT_DIM, CriticConfig, UNetConfig
-from .critic import PatchCritic
+from .critic import CriticResBlock, PatchCritic
 from .losses import (
     PERCEPTUAL_KINDS,
     DeepbetPerceptual,
@@ -24,12 +33,15 @@ __all__ = [
     "AdaDM",
     "ContextEmbedding",
     "CriticConfig",
+    "CriticResBlock",
     "CrossAttention",
     "DeepbetPerceptual",
+    "FeedForward",
     "PatchCritic",
     "ResBlock",
     "SelfAttention",
     "SynthesisLoss",
+    "TransformerBlock",
     "UNet",
     "UNetConfig",
     "build_perceptual",

@@ -8,6 +8,8 @@ expected, before any tensor is allocated.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from synth7t.dataset.context import CONTEXT_DIM  # the covariate vector of docs/data-layout.md
@@ -22,6 +24,30 @@ class UNetConfig(BaseModel):
     (down and up path). The thesis also writes "CA at stages (3,4,5)" for its four-stage UNC model: index
     ``len(channel_mult) + 1`` therefore names the bottleneck, where a cross-attention block follows the
     self-attention block.
+
+    Two architectures share these settings (thesis 2.1.5, figures 25-28):
+
+    * ``attention_block``: ``"light"`` (synth7t's own: a cross-attention block is GroupNorm -> one attention to the
+      covariate tokens -> output projection; the bottleneck has one self-attention layer with a feed-forward) or
+      ``"thesis"`` (Ho et al.'s transformer block that the thesis code used, MONAI's ``SpatialTransformer``:
+      GroupNorm -> 1x1 projection -> [self-attention] -> cross-attention to the covariates -> GEGLU feed-forward ->
+      1x1 projection, each sub-layer with its LayerNorm and residual, figures 25 and 27; the bottleneck is figure 26:
+      self-attention -> a second self-attention (or cross-attention when the bottleneck is listed in
+      ``cross_attention_stages``) -> feed-forward).
+    * ``attention_heads``: heads per attention layer; ``None`` gives ``channels // head_dim`` heads (light default),
+      the thesis used one head (3.4.1).
+    * ``up_path``: ``"stage"`` (one skip per stage, concatenated before the ``n_res`` blocks of the up stage) or
+      ``"ho"`` (Ho et al.'s / MONAI's: ``n_res + 1`` blocks per up stage, each concatenating one kept feature map:
+      the stem output, every down block's output and every down-sampled map, in reverse order).
+    * ``self_attention``: spatial self-attention on or off (light: the bottleneck's layer; thesis: the
+      self-attention sub-layer of every transformer block, and the bottleneck's second self-attention).
+    * ``covariates``: ``False`` makes the network ignore the covariate vector (it sees every covariate as unknown,
+      the zero vector) with the architecture and cost unchanged, so an ablation isolates what the covariates give.
+    * ``adadm``: AdaDM in every residual block (thesis 2.1.1).
+    * ``out_norm``: the GroupNorm before the last convolution; thesis 5.2 proposes removing it (``False``).
+
+    The defaults are synth7t's light network (the ``tiny`` preset); the ``unc``, ``biofinder`` and ``gan`` presets
+    choose the thesis blocks, one head and Ho's up path.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -37,8 +63,13 @@ class UNetConfig(BaseModel):
     context_tokens: int = 4
     context_width: int = 64
     head_dim: int = 32
+    attention_heads: int | None = None
+    attention_block: Literal["light", "thesis"] = "light"
+    up_path: Literal["stage", "ho"] = "stage"
+    covariates: bool = True
     dropout: float = 0.0
     adadm: bool = True
+    out_norm: bool = True
 
     @field_validator("in_slices")
     @classmethod
@@ -52,6 +83,13 @@ class UNetConfig(BaseModel):
     def _positive(cls, v: int, info) -> int:
         if v < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {v}")
+        return v
+
+    @field_validator("attention_heads")
+    @classmethod
+    def _heads(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"attention_heads must be >= 1 (or null for channels // head_dim), got {v}")
         return v
 
     @field_validator("channel_mult")
@@ -87,7 +125,8 @@ class UNetConfig(BaseModel):
         for s in self.attention_stages:
             ch = self.stage_channels[min(s, n_stages) - 1]
             if ch % self.n_heads(ch):
-                raise ValueError(f"stage {s}: {ch} channels cannot be split into heads of width {self.head_dim}")
+                what = f"{self.attention_heads} heads" if self.attention_heads else f"heads of width {self.head_dim}"
+                raise ValueError(f"stage {s}: {ch} channels cannot be split into {what}")
         return self
 
     @property
@@ -106,9 +145,14 @@ class UNetConfig(BaseModel):
         bottleneck = (len(self.channel_mult) + 1,) if self.self_attention else ()
         return tuple(sorted(set(self.cross_attention_stages) | set(bottleneck)))
 
+    @property
+    def n_up_blocks(self) -> int:
+        """Residual blocks per up stage: ``n_res + 1`` on Ho's up path, else ``n_res``."""
+        return self.n_res + 1 if self.up_path == "ho" else self.n_res
+
     def n_heads(self, ch: int) -> int:
-        """Heads of an attention block on ``ch`` channels: ``max(1, ch // head_dim)``."""
-        return max(1, ch // self.head_dim)
+        """Heads of an attention layer on ``ch`` channels: ``attention_heads``, or ``max(1, ch // head_dim)``."""
+        return self.attention_heads or max(1, ch // self.head_dim)
 
 
 class CriticConfig(BaseModel):
@@ -116,6 +160,10 @@ class CriticConfig(BaseModel):
 
     ``n_layers`` stride-2 convolutions (channels ``channels * 2**i``), then one convolution to a single
     channel: the critic maps (B, in_channels, H, W) to (B, 1, H / 2**n_layers, W / 2**n_layers).
+
+    ``residual``: thesis 5.2's "improving the discriminator by adding residual blocks": after each down-sampling
+    layer, a residual block ``x + conv3x3(act(LN(conv3x3(act(LN(x))))))`` at the same size (no batch norm, so
+    the gradient penalty stays per sample). ``False`` is the thesis' plain critic of figure 30.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -123,6 +171,7 @@ class CriticConfig(BaseModel):
     channels: int = 64
     n_layers: int = 4
     in_channels: int = 1
+    residual: bool = False
 
     @field_validator("channels", "n_layers", "in_channels")
     @classmethod

@@ -4,7 +4,8 @@
 convolution to one channel. The output is a map of unbounded scores, one per patch,
 (B, 1, H / 2**n_layers, W / 2**n_layers): no sigmoid (a Wasserstein critic is not a classifier) and no
 batch norm (the gradient penalty is taken per sample, which batch statistics would couple). LayerNorm over
-(C, H, W) of a feature map is ``GroupNorm(1, C)``.
+(C, H, W) of a feature map is ``GroupNorm(1, C)``. With ``residual`` (thesis 5.2), each down-sampling layer is
+followed by a :class:`CriticResBlock`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,23 @@ from torch import nn
 
 from .config import CriticConfig
 
-__all__ = ["PatchCritic"]
+__all__ = ["CriticResBlock", "PatchCritic"]
+
+
+class CriticResBlock(nn.Module):
+    """``x + conv3x3(LeakyReLU(LN(conv3x3(LeakyReLU(LN(x))))))``, shape-preserving; the last conv starts at zero."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(1, ch), nn.LeakyReLU(0.2), nn.Conv2d(ch, ch, 3, padding=1),
+            nn.GroupNorm(1, ch), nn.LeakyReLU(0.2), nn.Conv2d(ch, ch, 3, padding=1),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
 
 
 class PatchCritic(nn.Module):
@@ -34,6 +51,8 @@ class PatchCritic(nn.Module):
                 nn.LeakyReLU(0.2),
                 nn.GroupNorm(1, out_ch),  # layer norm over (C, H, W)
             ]
+            if cfg.residual:
+                layers.append(CriticResBlock(out_ch))
             in_ch = out_ch
         layers.append(nn.Conv2d(in_ch, 1, 3, padding=1))
         self.net = nn.Sequential(*layers)
