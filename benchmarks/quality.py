@@ -20,7 +20,7 @@ off / GMM only / blur+noise+bias only / all; without input standardization; arch
 one row per variant with its margins on both sets (no DICE, to keep the run short). Writes ``DIR/ablation.json``.
 
     python benchmarks/quality.py [--out quality-run] [--jobs 2]
-    python benchmarks/quality.py --ablation [--minutes 5] [--variants none,all]
+    python benchmarks/quality.py --ablation [--minutes 5 | --steps 300] [--variants "augment: none,no AdaDM"]
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ ABLATIONS: dict[str, dict] = {
     "augment: blur+noise+bias": {**AUG_OFF, **{f"data.augment.{k}.enabled": True for k in ("blur", "noise", "bias")}},
     "augment: all (tiny default)": {},
     "no input standardization": {"data.standardize": "none"},
+    "block: thesis (fig. 25-27; 1 head; Ho's up path)": {"model.attention_block": "thesis", "model.attention_heads": 1,
+                                                        "model.up_path": "ho"},
+    "no self-attention": {"model.self_attention": False},
+    "no AdaDM": {"model.adadm": False},
+    "no covariates": {"model.covariates": False},
 }
 
 
@@ -91,7 +96,7 @@ def margins(table: dict) -> dict:
     return out
 
 
-def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int) -> dict:
+def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int, steps: int | None = None) -> dict:
     from synth7t.evaluation.evaluate import evaluate, quality_table
     from synth7t.pipeline_demo import N_TEST, build_cohort, prepare_store, train_model, transfer_scores
 
@@ -101,11 +106,13 @@ def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int) -> d
                   progress=True)
     results = {}
     for name in variants:
-        slug = name.replace(": ", "-").replace(" ", "_").replace("+", "").replace("(", "").replace(")", "")
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
         folder = out / "ablation" / slug
         t = time.perf_counter()
-        model = train_model(store, folder, {"trainer.max_minutes": minutes, "trainer.max_epochs": 200,
-                                            **ABLATIONS[name]}, progress=True)
+        budget = {"trainer.max_minutes": minutes, "trainer.max_epochs": 200}
+        if steps:  # a step budget: rows stay comparable when other jobs share the machine
+            budget = {"trainer.max_minutes": 20 * minutes, "trainer.max_steps": steps, "trainer.max_epochs": 200}
+        model = train_model(store, folder, {**budget, **ABLATIONS[name]}, progress=True)
         evaluate(model, store, folder / "report", segmentation="none", progress=True)
         held = quality_table(folder / "report")
         transfer = transfer_scores(out / "transfer", model, store, jobs=jobs, segmentation="none", progress=True)
@@ -113,7 +120,7 @@ def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int) -> d
         results[name] = {"held_out": margins(held), "transfer": margins(transfer), "parameters": params,
                          "minutes": round((time.perf_counter() - t) / 60, 1)}
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-    (out / "ablation.json").write_text(json.dumps(results, indent=1))
+        (out / "ablation.json").write_text(json.dumps(results, indent=1))  # after every variant: a partial table
     return results
 
 
@@ -140,6 +147,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--ablation", action="store_true", help="train the ablation variants instead")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget of each ablation variant")
+    p.add_argument("--steps", type=int, default=None, help="a step budget per variant instead of --minutes")
     p.add_argument("--variants", default=",".join(ABLATIONS), help="comma-separated ablation variant names")
     args = p.parse_args()
     setup_logging(0)
@@ -150,8 +158,9 @@ def main() -> None:
         unknown = [v for v in variants if v not in ABLATIONS]
         if unknown:
             raise SystemExit(f"unknown variant(s) {unknown}; known: {list(ABLATIONS)}")
-        res = run_ablation(Path(args.out), variants, args.minutes, args.jobs)
-        print(f"\nmachine: {machine}; total {(time.perf_counter() - t) / 60:.1f} min; {args.minutes} min per variant")
+        res = run_ablation(Path(args.out), variants, args.minutes, args.jobs, args.steps)
+        budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
+        print(f"\nmachine: {machine}; total {(time.perf_counter() - t) / 60:.1f} min; {budget} per variant")
         print_ablation(res)
         return
     from synth7t.pipeline_demo import run_demo
