@@ -20,10 +20,12 @@ def test_evaluate_writes_report_and_quality_table(tiny_model, tiny_store, tmp_pa
     methods = {r["method"] for r in rows}
     assert methods == {"model", "t3_input", "trilinear", "bspline", "histmatch_population", "histmatch_oracle"}
     assert len(rows) == 6 * 2  # two test subjects
-    assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows)
+    assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows if r["method"] != "histmatch_oracle")
+    assert all(r["dice_mean"] == "" for r in rows if r["method"] == "histmatch_oracle")
     table = quality_table(tmp_path / "report", tmp_path / "quality.json")
     keys = {"brain_psnr", "brain_ssim", "hfen", "dice"}
     assert set(table["model"]) == keys and all(set(v) == keys for v in table["baselines"].values())
+    assert table["oracle"]["dice"] is None and table["model"]["dice"] is not None
     # the best baseline is the best *realizable* one, never the oracle, which is reported beside it
     assert table["best_baseline"]["name"] in ("t3_input", "trilinear", "bspline", "histmatch_population")
     realizable = {k: v for k, v in table["baselines"].items() if k != "histmatch_oracle"}
