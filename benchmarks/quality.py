@@ -34,11 +34,12 @@ from pathlib import Path
 
 KEYS = ("brain_psnr", "brain_ssim", "hfen", "dice")
 AUG_OFF = {f"data.augment.{k}.enabled": False for k in ("gmm", "blur", "bias", "noise", "scale", "elastic")}
-ABLATIONS: dict[str, dict] = {
+ABLATIONS: dict[str, dict] = {  # covariate drop-out stays as in tiny (on) in every row
     "augment: none": AUG_OFF,
-    "augment: GMM only": {**AUG_OFF, "data.augment.gmm.enabled": True},
+    "augment: GMM only (= tiny)": {**AUG_OFF, "data.augment.gmm.enabled": True},
     "augment: blur+noise+bias": {**AUG_OFF, **{f"data.augment.{k}.enabled": True for k in ("blur", "noise", "bias")}},
-    "augment: all (tiny default)": {},
+    "augment: GMM+blur+noise+bias": {**AUG_OFF, **{f"data.augment.{k}.enabled": True
+                                                  for k in ("gmm", "blur", "noise", "bias")}},
     "no input standardization": {"data.standardize": "none"},
     "block: thesis (fig. 25-27; 1 head; Ho's up path)": {"model.attention_block": "thesis", "model.attention_heads": 1,
                                                         "model.up_path": "ho"},
