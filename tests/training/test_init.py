@@ -87,3 +87,14 @@ def test_init_from_a_broken_model_folder_is_one_line(tiny_model, tiny_store, tmp
     res = CliRunner().invoke(app, ["train", str(tiny_store[1]), "-o", str(tmp_path / "o"), "--init",
                                    str(tmp_path / "nowhere")])
     assert res.exit_code != 0 and "model folder not found" in res.output
+
+
+def test_init_with_resume_is_refused(tiny_model, tiny_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from synth7t.cli import app
+
+    res = CliRunner().invoke(app, ["train", str(tiny_store[1]), "-o", str(tmp_path / "o"), "--init", str(tiny_model),
+                                   "--resume"])
+    assert res.exit_code != 0 and "drop --init" in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "o").exists()
