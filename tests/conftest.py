@@ -92,3 +92,15 @@ def pytest_generate_tests(metafunc):
         heads = shared_heads()
         params = heads or [pytest.param(None, marks=pytest.mark.skip(reason="../shared/data/heads not present"))]
         metafunc.parametrize("real_head", params, ids=lambda p: p.name if p else "absent")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--regen-golden", action="store_true", default=False,
+                     help="Rewrite tests/data/golden_*.json from the current code instead of comparing with them "
+                          "(tests/inference/test_golden.py); review and commit the diff with the change that "
+                          "caused it.")
+
+
+@pytest.fixture
+def regen_golden(request) -> bool:
+    return bool(request.config.getoption("--regen-golden"))

@@ -222,15 +222,23 @@ def train(
     devices: Annotated[str, typer.Option(help="Number of devices (GPUs) for DDP, or 'auto'.")] = "1",
     num_nodes: Annotated[int, typer.Option(help="Nodes for multi-node DDP (SLURM).")] = 1,
     perceptual: Annotated[str | None, typer.Option(help="Perceptual backbone: deepbet, radimagenet or none.")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Fine-tune: start from this model folder's weights and "
+                                              "architecture (its config.json); the preset and --set give the "
+                                              "training settings; a --set model.* that changes the architecture "
+                                              "is refused. The new model records the source's sha256 "
+                                              "(init_from).")] = None,
 ) -> None:
-    """Train the attention residual U-net (or the WGAN-GP variant) and write a self-describing model folder."""
+    """Train the attention residual U-net (or the WGAN-GP variant) and write a self-describing model folder.
+
+    With --init MODEL_DIR, fine-tune a trained model on this store instead of starting from random weights.
+    """
     overrides = _parse_sets(set_)
     from synth7t.training import train as train_fn
 
     if perceptual is not None:
         overrides["loss.perceptual"] = perceptual
     model_dir = train_fn(store, out, preset=preset, overrides=overrides, resume=resume, device=device,
-                         devices=devices, num_nodes=num_nodes)
+                         devices=devices, num_nodes=num_nodes, init=init)
     typer.echo(f"model folder: {model_dir}")
 
 

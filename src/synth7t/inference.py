@@ -67,7 +67,7 @@ class PredictResult:
 
     def summary(self) -> str:
         lines = [f"predicted {len(self.done)}, skipped {len(self.skipped)} (outputs exist), failed {len(self.failed)}"]
-        lines += [f"  failed: {k}: {v}" for k, v in self.failed.items()]
+        lines += [f"  failed: {v}" if v.startswith(f"{k}: ") else f"  failed: {k}: {v}" for k, v in self.failed.items()]
         return "\n".join(lines)
 
 

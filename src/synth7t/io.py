@@ -83,13 +83,29 @@ def _check_gzip(path: Path) -> None:
         raise InputError(f"{_name(path)}: truncated or corrupt gzip stream ({exc})") from None
 
 
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Keep nibabel's header-repair warnings (its logger and, by propagation, ours) out of the output."""
+    import nibabel as nib
+
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(max(level, 40))  # logging.ERROR
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_volume(path: str | os.PathLike, *, check_finite: bool = True) -> Volume:
     """Load and validate one 3-D scan.
 
     Refuses, with an :class:`InputError` naming the file: a missing file, a corrupt or truncated
     gzip, a file nibabel cannot read as NIfTI/MGH, a 2-D or a multi-volume 4-D image (a 4-D image
-    with one volume is squeezed), NaN/Inf voxels, an all-zero image, voxel sizes <= 0 or > 10 mm and a
-    singular affine. The file is opened read-only and never written to.
+    with one volume is squeezed), NaN/Inf voxels, an all-zero image, and a bad header (see
+    :func:`check_header`: header voxel sizes that are not finite, <= 0 or > 10 mm, no sform and no qform, a NaN or
+    singular sform, a NaN qform), then the same checks on the affine nibabel builds. The file is opened
+    read-only and never written to.
     """
     import nibabel as nib
 
@@ -105,17 +121,79 @@ def load_volume(path: str | os.PathLike, *, check_finite: bool = True) -> Volume
     if str(p).lower().endswith((".gz", ".mgz")):
         _check_gzip(p)
     try:
-        img = nib.load(str(p))
-        data = np.asanyarray(img.dataobj)
+        with _quiet_nibabel():  # nibabel logs the header "fixes" it makes silently; check_header refuses them
+            img = nib.load(str(p))
+            data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for corrupt headers/data
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{_name(p)}: cannot be read as NIfTI/MGH ({msg})") from None
+    check_header(p, img)
     affine = np.asarray(img.affine, dtype=np.float64)
     data = _check_shape(p, data)
     data = np.asarray(data, dtype=np.float32)
     vol = Volume(data, affine, str(p))
     validate_volume(vol, check_finite=check_finite)
     return vol
+
+
+def _raw_header(p: Path, img):
+    """The header exactly as stored: nibabel's loader silently "fixes" pixdim 0 (to 1) and negative pixdim (to
+    its absolute value), so the header of ``img`` no longer says what the file says."""
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        return img.header
+    try:
+        with ImageOpener(str(p), "rb") as fh:
+            return img.header_class.from_fileobj(fh, check=False)
+    except Exception as exc:  # noqa: BLE001 - nibabel read it once already; report rather than crash
+        raise InputError(f"{_name(p)}: header cannot be read ({exc})") from None
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{float(v):.3g}" for v in values) + ")"
+
+
+def check_header(path: str | os.PathLike, img) -> None:
+    """Refuse a header whose voxel sizes or orientation fields are unusable, naming the field.
+
+    NIfTI: ``pixdim[1..3]`` must be finite, > 0 and <= 10 mm; at least one of ``sform_code``/``qform_code`` must
+    be set (otherwise nibabel makes a grid up); a used sform (``srow_x/y/z``) must be finite and non-singular; a
+    used qform (``quatern_b/c/d``, ``qoffset_x/y/z``) must be finite. MGH: ``delta`` as ``pixdim``.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    hdr = _raw_header(p, img)
+    if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        zooms, field_name = np.asarray(hdr["pixdim"][1:4], dtype=np.float64), "pixdim[1:4]"
+    elif "delta" in getattr(hdr, "keys", lambda: ())():
+        zooms, field_name = np.asarray(hdr["delta"][:3], dtype=np.float64), "delta"
+    else:
+        return
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0) or np.any(zooms > MAX_VOXEL_MM):
+        raise InputError(f"{_name(p)}: header field {field_name} gives absurd voxel size {_fmt(zooms)} mm; "
+                         f"expected finite sizes with 0 < size <= {MAX_VOXEL_MM:g} mm")
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        return
+    sform_code, qform_code = int(hdr["sform_code"]), int(hdr["qform_code"])
+    if sform_code == 0 and qform_code == 0:
+        raise InputError(f"{_name(p)}: header fields sform_code and qform_code are both 0 (no orientation: the "
+                         "voxel-to-world mapping would be made up)")
+    if sform_code > 0:
+        srow = np.stack([np.asarray(hdr[k], dtype=np.float64) for k in ("srow_x", "srow_y", "srow_z")])
+        bad = [k for k, row in zip(("srow_x", "srow_y", "srow_z"), srow, strict=True) if not np.all(np.isfinite(row))]
+        if bad:
+            raise InputError(f"{_name(p)}: header field {'/'.join(bad)} (sform) contains NaN/Inf")
+        if abs(np.linalg.det(srow[:, :3])) < 1e-9:
+            raise InputError(f"{_name(p)}: header fields srow_x/srow_y/srow_z (sform) give a singular affine "
+                             "(voxel axes are degenerate)")
+    if qform_code > 0:
+        keys = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+        bad = [k for k in keys if not np.isfinite(float(hdr[k]))]
+        if bad:
+            raise InputError(f"{_name(p)}: header field {'/'.join(bad)} (qform) contains NaN/Inf")
 
 
 def _check_shape(p: Path, data: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from synth7t import __version__
-from synth7t.config import TrainConfig, load_config, validate_config
+from synth7t.config import TrainConfig, apply_overrides, load_config, preset_dict, validate_config
 from synth7t.errors import ConfigError, InputError
 from synth7t.io import read_json, write_json, write_text
 
@@ -445,12 +445,18 @@ def train(
     progress: bool = True,
     extra_callbacks: list | None = None,
     data_notes: dict | None = None,
+    init: str | Path | None = None,
 ) -> Path:
     """Train a model on a slice store and write the model folder ``out``; returns ``out``.
 
     ``config`` (a resolved :class:`TrainConfig`) takes precedence over ``preset`` + ``overrides``. ``data_notes``
     (e.g. ``{"simulated": True}``) are added to the model folder's description of its training data. With
     ``resume``, the configuration saved in ``out`` is used and training continues from the last checkpoint.
+
+    ``init`` (a model folder) fine-tunes: the generator starts from its weights (verified, read from safetensors by
+    :func:`load_generator`) and its architecture (``config.json``'s ``model``); the preset and ``overrides``
+    set everything else, and a ``model.*`` override that changes the architecture is a one-line ConfigError.
+    The new model folder records ``init_from``: the source's ``model.safetensors`` sha256 (not its path).
     """
     import warnings
 
@@ -469,11 +475,21 @@ def train(
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger("synth7t").getEffectiveLevel()))
     out = Path(out)
     store_obj = SliceStore(store)
+    init_state, init_from = None, _recorded_init(out) if resume else None
+    if init is not None:
+        if resume:
+            raise ConfigError("--resume continues a run from its checkpoint (which holds its weights); drop --init")
+        net, src_cfg = load_generator(init)
+        init_state = net.state_dict()
+        init_from = {"sha256": _sha256(Path(init) / "model.safetensors"), "preset": src_cfg.get("preset")}
+        config = config_for_init(src_cfg, Path(init), preset, overrides, config)
     cfg = _resolve_config(out, preset, overrides, config, resume)
     _check_store_fits(store_obj, cfg)
     _warn_patch_positions(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "train_config.json", cfg.model_dump(mode="json"))
+    if not resume:
+        write_json(out / "init_from.json", {"init_from": init_from})
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -481,6 +497,8 @@ def train(
     precision = resolve_precision(cfg.trainer.precision, accelerator)
     train_loader, val_loader = make_loaders(store_obj, cfg, cfg.trainer.seed)
     module = _lightning_module_class()(cfg.model_dump(mode="json"))
+    if init_state is not None:
+        module.generator.load_state_dict(init_state)
     ckpt_dir = out / "checkpoints"
     monitor = {"monitor": "val/psnr_brain", "mode": "max"} if val_loader is not None else {}
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", save_top_k=1 if monitor else 0, **monitor)
@@ -505,13 +523,45 @@ def train(
         use_distributed_sampler=False,
     )
     ckpt_path = _resume_checkpoint(ckpt_dir, resume)
+    if resume and ckpt_path is None and init_from is not None:
+        raise InputError(f"{out}: this fine-tuning run has no checkpoint yet; start it again with --init (no --resume)")
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     elapsed = time.perf_counter() - t0
     if trainer.global_rank != 0:
         return out
     weights_from = _final_validation(trainer, module, val_loader, best)
-    return write_model_folder(out, module, cfg, store_obj, trainer, elapsed, weights_from, data_notes or {})
+    return write_model_folder(out, module, cfg, store_obj, trainer, elapsed, weights_from, data_notes or {},
+                              init_from=init_from)
+
+
+def config_for_init(src_cfg: dict, init: Path, preset, overrides: dict | None, config: TrainConfig | None
+                    ) -> TrainConfig:
+    """The run's configuration when fine-tuning from ``init``: the preset (or ``config``) and overrides for the
+    training settings, the source model's architecture. An override that changes the architecture is refused."""
+    from synth7t.nn.config import UNetConfig
+
+    try:
+        src_model = UNetConfig.model_validate(src_cfg["model"]).model_dump(mode="json")
+    except Exception as exc:  # noqa: BLE001 - load_generator built it already; keep the message to one line
+        raise InputError(f"{init / 'config.json'}: unusable model section ({str(exc).splitlines()[0]})") from None
+    overrides = dict(overrides or {})
+    model_sets = {k: v for k, v in overrides.items() if k.startswith("model.")}
+    base = config.model_dump(mode="json") if config is not None else preset_dict(preset)
+    data = apply_overrides(base, {k: v for k, v in overrides.items() if k not in model_sets})
+    data["model"] = dict(src_model)
+    asked = validate_config(apply_overrides(data, model_sets), source=f"--init {init}").model.model_dump(mode="json")
+    differ = [f"model.{k} {src_model[k]!r} -> {asked[k]!r}" for k in src_model if asked.get(k) != src_model[k]]
+    if differ:
+        raise ConfigError(f"--init {init}: the architecture comes from its config.json; --set would change "
+                          f"{', '.join(differ)}")
+    return validate_config(data, source=f"--init {init}")
+
+
+def _recorded_init(out: Path) -> dict | None:
+    """``init_from`` of a run being resumed, as written when it started (None: trained from scratch)."""
+    path = out / "init_from.json"
+    return read_json(path).get("init_from") if path.is_file() else None
 
 
 def _final_validation(trainer, module, val_loader, best) -> str | None:
@@ -595,7 +645,7 @@ def generator_state(module_or_ckpt: Any) -> dict[str, torch.Tensor]:
 
 
 def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elapsed: float,
-                       weights_from: str | None, data_notes: dict) -> Path:
+                       weights_from: str | None, data_notes: dict, *, init_from: dict | None = None) -> Path:
     """Write model.safetensors, config.json, metrics.json, model_card.md and checksums.sha256 into ``out``."""
     state = generator_state(weights_from) if weights_from else generator_state(module)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -603,6 +653,7 @@ def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elap
                    weights="best" if weights_from else "final")
     config = model_config(cfg, store, module)
     config["training_data"].update(data_notes)
+    config["init_from"] = init_from  # None: trained from random weights; else the source model's sha256
     return save_model_folder(out, state, config, metrics, model_card(cfg, config, metrics))
 
 
@@ -712,12 +763,19 @@ def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
         f"- Loss: L1 + {cfg.loss.perceptual_weight:g} x perceptual ({d['perceptual']}).\n"
         f"- Training data: {t['n_train']} training / {t['n_val']} validation / {t['n_test']} test subjects.{sim}\n"
         f"- Training: {metrics.get('epochs', '?')} epochs, {metrics.get('steps', '?')} steps, "
-        f"{metrics.get('train_seconds', '?')} s.\n- Validation: {val}.\n\n"
+        f"{metrics.get('train_seconds', '?')} s.{_init_line(d.get('init_from'))}\n- Validation: {val}.\n\n"
         "## Intended use\nResearch on brain MRI: producing 7T-like images from 3T scans for visualisation and for\n"
         "downstream analyses whose sensitivity to synthetic data has been checked. Outputs are estimates learnt\n"
         "from paired data; they can miss or invent detail, especially for anatomy unlike the training cohort\n"
         "(lesions, other scanners, children).\n\n**Not a clinical device. Not for diagnosis or treatment decisions.**\n"
     )
+
+
+def _init_line(init_from: dict | None) -> str:
+    if not init_from:
+        return ""
+    return (f" Fine-tuned from the model whose model.safetensors has sha256 {init_from['sha256']}"
+            f" (preset {init_from.get('preset')}).")
 
 
 # ---------------------------------------------------------------------------------------------------------
