@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -123,13 +124,22 @@ def random_patch(sample: dict, size: int, rng: np.random.Generator, align: int =
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Shuffles with a generator seeded by ``(seed, epoch)``; yields ``epoch * N + i`` (see EpochIndexed)."""
+    """Shuffles with a generator seeded by ``(seed, epoch)``; yields ``epoch * N + i`` (see EpochIndexed).
+
+    :meth:`resume_at` ``(epoch, skip)`` makes the next pass yield epoch ``epoch``'s order without its first
+    ``skip`` indices (a run resumed inside an epoch); :meth:`set_epoch` to another epoch cancels it.
+    """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.n, self.seed, self.shuffle, self.epoch, self.skip = n, seed, shuffle, 0, 0
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of each epoch
+        if int(epoch) != self.epoch:
+            self.skip = 0
         self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        self.epoch, self.skip = int(epoch), max(0, int(skip))
 
     def __len__(self) -> int:
         return self.n
@@ -138,7 +148,36 @@ class EpochSampler(torch.utils.data.Sampler):
         order = np.arange(self.n)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        return iter((order + self.epoch * self.n).tolist())
+        skip, self.skip = self.skip, 0  # a resumed position applies to one pass only
+        return iter((order[skip:] + self.epoch * self.n).tolist())
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader over an :class:`EpochSampler` whose position inside an epoch survives a checkpoint.
+
+    Lightning saves ``state_dict()`` (the epoch and the batches of it delivered so far) in its checkpoints and,
+    when a run resumes inside that epoch, calls ``load_state_dict`` before iterating again: the next pass then
+    starts at the first batch not yet trained on. The underlying iterator is created at the first ``next()``,
+    after Lightning's ``set_epoch``, so that worker processes (``num_workers`` > 0), which draw indices as soon as
+    they start, never see a stale epoch.
+    """
+
+    _batches = 0  # batches of the current pass delivered, counting those skipped by a resume
+
+    def __iter__(self):
+        return self._iterate()
+
+    def _iterate(self):
+        self._batches = self.sampler.skip // self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.sampler.epoch), "batches": int(self._batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume_at(state["epoch"], int(state["batches"]) * self.batch_size)
 
 
 def _collate(batch: list[dict]) -> dict:
@@ -179,13 +218,15 @@ def make_loaders(store, cfg: TrainConfig, seed: int):
     common = dict(batch_size=cfg.data.batch_size, num_workers=workers, collate_fn=_collate,
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     align = cfg.model.downsample_factor if cfg.data.patch_offsets else 0
-    train = torch.utils.data.DataLoader(EpochIndexed(train_ds, cfg.data.patch, seed, align),
-                                        sampler=EpochSampler(len(train_ds), seed),
-                                        drop_last=len(train_ds) > cfg.data.batch_size, **common)
+    # own generators: creating an iterator draws a worker base seed, which must not move the global torch RNG
+    # (restored exactly on resume, see Synth7tModule.on_load_checkpoint)
+    train = ResumableLoader(EpochIndexed(train_ds, cfg.data.patch, seed, align),
+                            sampler=EpochSampler(len(train_ds), seed), drop_last=len(train_ds) > cfg.data.batch_size,
+                            generator=torch.Generator().manual_seed(seed), **common)
     val = None
     if len(val_ds):
         val = torch.utils.data.DataLoader(EpochIndexed(val_ds), sampler=EpochSampler(len(val_ds), seed, False),
-                                          **common)
+                                          generator=torch.Generator().manual_seed(seed), **common)
     return train, val
 
 
@@ -309,6 +350,31 @@ def _lightning_module_class():
             elif self.critic is not None and schedule == "epoch":
                 self._scheduler().step()
 
+        # -- exact resume --------------------------------------------------------------------------------
+        def on_save_checkpoint(self, checkpoint: dict) -> None:
+            """Add what Lightning does not save: RNG states and the epoch's running loss (plain tensors/ints)."""
+            total, count = getattr(self, "_epoch_loss", (None, 0))
+            checkpoint[RESUME_KEY] = {"rng": rng_state(),
+                                      "epoch_loss": [float(total) if count else 0.0, int(count)]}
+
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            self._resume_state = checkpoint.get(RESUME_KEY)  # applied at the first batch trained after it
+
+        def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+            """First batch after a resume: the RNG states and the epoch's running loss as they were when saved.
+
+            Restored here rather than when loading, so that whatever Lightning does in between (building loaders,
+            restoring the loops) cannot move them; nothing between a checkpoint and the next batch draws from the
+            global generators in an uninterrupted run either (the loaders have their own).
+            """
+            state = getattr(self, "_resume_state", None)
+            if state is None:
+                return
+            self._resume_state = None
+            set_rng_state(state["rng"])
+            total, count = state["epoch_loss"] if batch_idx > 0 else (0.0, 0)  # batch 0: a new epoch
+            self._epoch_loss = [torch.tensor(total, dtype=torch.float64, device=self.device), int(count)]
+
         # -- validation --------------------------------------------------------------------------------
         def validation_step(self, batch: dict, batch_idx: int) -> None:
             pred = self(batch["input"], batch["context"]).float().clamp(0, 1)
@@ -350,6 +416,34 @@ def _lightning_module_class():
             return ([opt_g, opt_d], [sched] if sched is not None else [])
 
     return Synth7tModule
+
+
+RESUME_KEY = "synth7t_resume"  # the checkpoint entry written by Synth7tModule.on_save_checkpoint
+
+
+def rng_state() -> dict:
+    """The torch (CPU and CUDA), numpy (legacy global) and python ``random`` generator states, as plain
+    tensors, ints, floats and lists (loadable with ``torch.load(weights_only=True)``)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "state": [int(v) for v in internal], "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
 def critic_update(critic, opt_d, real: torch.Tensor, fake: torch.Tensor, gp_weight: float,
@@ -505,7 +599,8 @@ def train(
     # last.ckpt (for resuming) is refreshed at every epoch end and every `checkpoint_every_steps` steps
     per_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch", every_n_epochs=1, save_top_k=1, save_last=True,
                                 save_on_train_epoch_end=True, enable_version_counter=False)
-    per_steps = ModelCheckpoint(dirpath=ckpt_dir, filename="step",
+    step_checkpoint, atomic_io = _checkpoint_classes()
+    per_steps = step_checkpoint(dirpath=ckpt_dir, filename="step",
                                 every_n_train_steps=cfg.trainer.checkpoint_every_steps, save_top_k=1, save_last=True,
                                 save_on_train_epoch_end=True, enable_version_counter=False)
     callbacks = [best, per_epoch, per_steps, LearningRateMonitor(logging_interval="step"), *(extra_callbacks or [])]
@@ -520,7 +615,7 @@ def train(
         callbacks=callbacks, enable_progress_bar=progress,
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
         enable_model_summary=False, deterministic="warn", num_sanity_val_steps=0,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, plugins=[atomic_io()],
     )
     ckpt_path = _resume_checkpoint(ckpt_dir, resume)
     if resume and ckpt_path is None and init_from is not None:
@@ -593,9 +688,42 @@ def _resolve_config(out: Path, preset, overrides, config, resume: bool) -> Train
     return config if config is not None else load_config(preset, overrides)
 
 
+def _checkpoint_classes():
+    """(step checkpoint callback, atomic checkpoint writer) classes; Lightning is imported lazily."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from synth7t.io import atomic_path
+
+    class StepCheckpoint(ModelCheckpoint):
+        """Every ``n`` steps, except at an epoch's last batch (or the run's last step): the epoch-end checkpoint,
+        written after validation and the epoch's scheduler step, follows it. A checkpoint of the last batch taken
+        before those would make Lightning resume at the next epoch and skip them."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            if batch_idx + 1 >= trainer.num_training_batches or (
+                    trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps):
+                return
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Writes each checkpoint to a temporary file beside it and renames it into place: a run killed while
+        writing leaves the previous ``last.ckpt`` whole (Lightning's writer truncates the file, then writes)."""
+
+        def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+            if storage_options is not None:
+                raise TypeError("storage_options are not supported")
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+
+    return StepCheckpoint, AtomicCheckpointIO
+
+
 def _resume_checkpoint(ckpt_dir: Path, resume: bool) -> str | None:
     if not resume:
         return None
+    for stale in ckpt_dir.glob(".*.tmp*"):  # what a run killed while writing a checkpoint left
+        stale.unlink(missing_ok=True)
     last = ckpt_dir / "last.ckpt"
     if not last.exists():
         log.warning("%s: no checkpoint yet; starting from the beginning", ckpt_dir)
