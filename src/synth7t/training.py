@@ -5,12 +5,19 @@
 ``checksums.sha256``) that :mod:`synth7t.inference` reads; Lightning checkpoints (``checkpoints/``) and logs
 (``logs/``, TensorBoard and CSV) live beside it, for resuming and inspection only.
 
-Resuming (``resume=True``) restores weights, optimizer and scheduler states, the epoch and step counters from
-``checkpoints/last.ckpt`` (loaded with ``weights_only=True``). The data order of epoch ``e`` and every
-augmentation are functions of ``(seed, e, index)``, so a run resumed at an epoch boundary reaches the same
-weights as an uninterrupted one. A run killed in the middle of an epoch restarts that epoch from its first
-batch (Lightning does not restore a position inside a map-style epoch); ``trainer.checkpoint_every_steps``
-bounds what is recomputed.
+Resuming (``resume=True``) continues from ``checkpoints/last.ckpt`` (loaded with ``weights_only=True``) and is
+exact: a run killed at any moment, ``kill -9`` in the middle of an epoch included, and resumed ends with the
+weights of the same run uninterrupted (same machine and thread count; tests/training/test_resume.py). The
+checkpoint holds the weights, optimizer and scheduler states, Lightning's epoch, batch and optimizer-step
+counters (so the GAN's ``batch_idx``-based critic/generator alternation continues where it was), the train
+loader's position in its epoch (:class:`ResumableLoader`: the epoch's order and every augmentation are
+functions of ``(seed, epoch, index)``, so resuming only needs the number of batches done), the torch, numpy
+and python RNG states, and the epoch's running training loss (the ``plateau`` scheduler steps on the epoch's
+mean); the last two are restored at the first batch trained after the resume. Checkpoints are written every
+``trainer.checkpoint_every_steps`` steps (not at an epoch's last batch: the epoch-end checkpoint, after
+validation and the epoch's scheduler step, takes its place) and at every epoch's end, each to a temporary file
+renamed into place, so a kill while writing leaves the previous ``last.ckpt`` usable. Work done after the last
+checkpoint is recomputed, identically.
 """
 
 from __future__ import annotations
@@ -359,6 +366,9 @@ def _lightning_module_class():
 
         def on_load_checkpoint(self, checkpoint: dict) -> None:
             self._resume_state = checkpoint.get(RESUME_KEY)  # applied at the first batch trained after it
+            if self._resume_state is None and self._trainer is not None and self.trainer.state.fn == "fit":
+                log.warning("checkpoint written by an earlier synth7t (no RNG states or data position): the resumed "
+                            "run will not reproduce an uninterrupted one exactly")
 
         def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
             """First batch after a resume: the RNG states and the epoch's running loss as they were when saved.
@@ -565,6 +575,8 @@ def train(
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # GAN: checkpoints hold the state after each optimizer step, which is what resuming needs
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+    if resume:  # the checkpoints of the run being continued are expected there
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning's tips and notices: warnings only
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger("synth7t").getEffectiveLevel()))
     out = Path(out)
