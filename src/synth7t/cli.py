@@ -219,8 +219,9 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: model.n_res=2")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    devices: Annotated[str, typer.Option(help="Number of devices (GPUs) for DDP, or 'auto'.")] = "1",
-    num_nodes: Annotated[int, typer.Option(help="Nodes for multi-node DDP (SLURM).")] = 1,
+    devices: Annotated[str, typer.Option(help="Devices for DDP (one process each): GPUs with --device cuda, CPU "
+                                         "processes (gloo) with --device cpu; or 'auto'.")] = "1",
+    num_nodes: Annotated[int, typer.Option(help="Nodes for multi-node DDP (SLURM: srun, one task per device).")] = 1,
     perceptual: Annotated[str | None, typer.Option(help="Perceptual backbone: deepbet, radimagenet or none.")] = None,
     init: Annotated[Path | None, typer.Option("--init", help="Fine-tune: start from this model folder's weights and "
                                               "architecture (its config.json); the preset and --set give the "
@@ -233,13 +234,15 @@ def train(
     With --init MODEL_DIR, fine-tune a trained model on this store instead of starting from random weights.
     """
     overrides = _parse_sets(set_)
+    from synth7t.training import is_global_zero
     from synth7t.training import train as train_fn
 
     if perceptual is not None:
         overrides["loss.perceptual"] = perceptual
     model_dir = train_fn(store, out, preset=preset, overrides=overrides, resume=resume, device=device,
                          devices=devices, num_nodes=num_nodes, init=init)
-    typer.echo(f"model folder: {model_dir}")
+    if is_global_zero():  # DDP: every rank runs this command; rank 0 wrote the model folder
+        typer.echo(f"model folder: {model_dir}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -134,11 +135,28 @@ class EpochSampler(torch.utils.data.Sampler):
     """Shuffles with a generator seeded by ``(seed, epoch)``; yields ``epoch * N + i`` (see EpochIndexed).
 
     :meth:`resume_at` ``(epoch, skip)`` makes the next pass yield epoch ``epoch``'s order without its first
-    ``skip`` indices (a run resumed inside an epoch); :meth:`set_epoch` to another epoch cancels it.
+    ``skip`` indices of this rank's share (a run resumed inside an epoch); :meth:`set_epoch` to another epoch
+    cancels it.
+
+    Rank-aware (DDP): with ``world_size`` > 1 (given, or else that of an initialized ``torch.distributed``, read at
+    each pass), rank ``r`` takes the strided share ``order[r::world_size]`` of the epoch's permutation ``order``,
+    so that the ranks' shares are disjoint and, batch by batch, together make the batches of one process at
+    ``world_size`` times the batch size (global batch ``k`` is ``order[k*G:(k+1)*G]``). ``even`` (training):
+    ``order`` is first truncated to a multiple of ``world_size`` (at most ``world_size - 1`` samples of the
+    epoch's permutation, different ones each epoch, are left out; padding would repeat samples instead), so
+    every rank runs the same number of steps, as DDP's gradient all-reduce needs. ``even=False`` (validation,
+    which has no collective per batch): nothing is dropped, the shares may differ by one sample, and a set
+    smaller than ``world_size`` is given whole to every rank (a rank with no batch would skip the metric
+    reduction the others wait in).
+
+    ``batch_size`` (> 0): the share is truncated to a multiple of it when it holds more than one batch (the
+    loader's ``drop_last``, decided per rank: the loader is built before the world size is known).
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, *, batch_size: int = 0, even: bool = True,
+                 rank: int | None = None, world_size: int | None = None):
         self.n, self.seed, self.shuffle, self.epoch, self.skip = n, seed, shuffle, 0, 0
+        self.batch_size, self.even, self.rank, self.world_size = batch_size, even, rank, world_size
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of each epoch
         if int(epoch) != self.epoch:
@@ -148,15 +166,38 @@ class EpochSampler(torch.utils.data.Sampler):
     def resume_at(self, epoch: int, skip: int) -> None:
         self.epoch, self.skip = int(epoch), max(0, int(skip))
 
+    def replicas(self) -> tuple[int, int]:
+        """(rank, world size): as given, else torch.distributed's when initialized, else (0, 1)."""
+        if self.world_size is not None:
+            return int(self.rank or 0), int(self.world_size)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _share_range(self) -> tuple[int, int, int]:
+        """(start, stop, step) of this rank's positions in the epoch's order, before the batch truncation."""
+        rank, world = self.replicas()
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        if world == 1 or (not self.even and self.n < world):
+            return 0, self.n, 1
+        stop = self.n - self.n % world if self.even else self.n
+        return rank, stop, world
+
     def __len__(self) -> int:
-        return self.n
+        length = len(range(*self._share_range()))
+        if self.batch_size and length > self.batch_size:
+            length -= length % self.batch_size
+        return length
 
     def __iter__(self):
         order = np.arange(self.n)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        share = order[slice(*self._share_range())][: len(self)]
         skip, self.skip = self.skip, 0  # a resumed position applies to one pass only
-        return iter((order[skip:] + self.epoch * self.n).tolist())
+        return iter((share[skip:] + self.epoch * self.n).tolist())
 
 
 class ResumableLoader(torch.utils.data.DataLoader):
@@ -226,13 +267,16 @@ def make_loaders(store, cfg: TrainConfig, seed: int):
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     align = cfg.model.downsample_factor if cfg.data.patch_offsets else 0
     # own generators: creating an iterator draws a worker base seed, which must not move the global torch RNG
-    # (restored exactly on resume, see Synth7tModule.on_load_checkpoint)
+    # (restored exactly on resume, see Synth7tModule.on_load_checkpoint). Under DDP the samplers shard the data
+    # themselves (EpochSampler is rank-aware; the Trainer has use_distributed_sampler=False, so Lightning does not
+    # wrap them in a DistributedSampler); the last incomplete batch is dropped by the sampler, per rank.
     train = ResumableLoader(EpochIndexed(train_ds, cfg.data.patch, seed, align),
-                            sampler=EpochSampler(len(train_ds), seed), drop_last=len(train_ds) > cfg.data.batch_size,
+                            sampler=EpochSampler(len(train_ds), seed, batch_size=cfg.data.batch_size),
                             generator=torch.Generator().manual_seed(seed), **common)
     val = None
     if len(val_ds):
-        val = torch.utils.data.DataLoader(EpochIndexed(val_ds), sampler=EpochSampler(len(val_ds), seed, False),
+        val = torch.utils.data.DataLoader(EpochIndexed(val_ds),
+                                          sampler=EpochSampler(len(val_ds), seed, False, even=False),
                                           generator=torch.Generator().manual_seed(seed), **common)
     return train, val
 
@@ -309,8 +353,13 @@ def _lightning_module_class():
             parts = self.synthesis_loss(pred, batch["target"])
             self._add_epoch_loss(parts["loss"])
             self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=True, on_step=True,
-                          on_epoch=False, batch_size=pred.shape[0])
+                          on_epoch=False, batch_size=pred.shape[0], sync_dist=self._distributed())
             return parts["loss"]
+
+        def _distributed(self) -> bool:
+            """Under DDP the step losses logged are the means over all ranks (the global batch's loss, as every
+            rank has the same batch size): one small all-reduce per step, and logs comparable with one process."""
+            return self._trainer is not None and self.trainer.world_size > 1
 
         def _gan_step(self, batch: dict, batch_idx: int):
             """WGAN-GP (Gulrajani et al. 2017): one critic update per batch, a generator update every n_critic."""
@@ -330,7 +379,8 @@ def _lightning_module_class():
                 if self.cfg.optim.schedule == "step":
                     self._scheduler().step()
                 logs.update({f"train/{k}": v.detach() for k, v in parts.items()})
-            self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=real.shape[0])
+            self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=real.shape[0],
+                          sync_dist=self._distributed())
 
         def _scheduler(self):
             sched = self.lr_schedulers()
@@ -396,12 +446,16 @@ def _lightning_module_class():
                                           torch.tensor(float(pred.shape[0]), device=pred.device)]))
 
         def on_validation_epoch_end(self) -> None:
-            if not self._val:
-                return
-            tot = torch.stack(self._val).sum(0)
-            if self.trainer.world_size > 1:
-                tot = self.all_gather(tot).sum(0)
+            """Brain PSNR/SSIM and L1 from sums over the validation set. Under DDP each rank validates its share
+            (EpochSampler, ``even=False``) and the sums are all-gathered, so every rank logs the same metrics, those
+            of the whole set (a set smaller than the world is validated whole on every rank: the metrics are
+            ratios of sums, unchanged)."""
+            tot = torch.stack(self._val).sum(0) if self._val else torch.zeros(5, device=self.device)
+            if self.trainer.world_size > 1:  # every rank takes part, with or without batches
+                tot = self.all_gather(tot).reshape(-1, 5).sum(0)
             self._val.clear()
+            if tot[4] == 0:
+                return
             n_vox = tot[2].clamp_min(1)
             mse = tot[0] / n_vox
             psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-12))  # range R = 1: targets are clipped min-max
@@ -532,6 +586,54 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# DDP
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def is_global_zero() -> bool:
+    """Whether this process is global rank 0: torch.distributed's rank once initialized, else
+    :func:`launched_as_rank_zero`. True for a single-process run."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return launched_as_rank_zero()
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process will be global rank 0 of the run, from the environment, before torch.distributed is
+    initialized (Lightning's launcher gives the ranks it starts ``LOCAL_RANK`` >= 1, torchrun sets ``RANK``,
+    srun ``SLURM_PROCID``, a multi-node run ``NODE_RANK``): none of them set to anything but 0."""
+    return all(os.environ.get(name, "0").strip() in ("0", "") for name in RANK_VARIABLES)
+
+
+def _strategy(accelerator: str, devices: int | str, num_nodes: int, cfg: TrainConfig):
+    """``auto`` for one process; else Lightning's DDP with buffers not broadcast at each forward (the only
+    buffers are the frozen perceptual network's constants, the same on every rank; a broadcast would also be a
+    collective inside validation, whose shards may differ in length) and, for the GAN, unused parameters
+    allowed (a critic step leaves the generator without gradients)."""
+    count = str(devices).strip()
+    if count == "auto":
+        n = torch.cuda.device_count() if accelerator == "cuda" else 1
+    else:
+        try:
+            n = int(count)
+        except ValueError:  # a list of device indices, "0,1"
+            n = len([c for c in count.split(",") if c.strip()])
+    if n == 1 and num_nodes == 1:
+        return "auto"
+    import inspect
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    # torch >= 2.13 names it forward_sync_buffers (and deprecates broadcast_buffers)
+    ddp_args = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers"
+    return DDPStrategy(find_unused_parameters=cfg.is_gan, **{no_sync: False})
+
+
+# ---------------------------------------------------------------------------------------------------------
 # train()
 
 
@@ -575,6 +677,10 @@ def train(
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # GAN: checkpoints hold the state after each optimizer step, which is what resuming needs
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+    # DDP: the validation sums are all-gathered by the module itself (on_validation_epoch_end), not by sync_dist;
+    # Lightning's own all_gather goes through a torch function deprecated in favour of an internal one
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+    warnings.filterwarnings("ignore", message=r".*all_gather is deprecated.*")
     if resume:  # the checkpoints of the run being continued are expected there
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning's tips and notices: warnings only
@@ -592,14 +698,21 @@ def train(
     cfg = _resolve_config(out, preset, overrides, config, resume)
     _check_store_fits(store_obj, cfg)
     _warn_patch_positions(cfg)
+    # under DDP every rank runs this function (ranks > 0 are started by Lightning, or by srun, with the same
+    # arguments); only rank 0 writes files: here, in the checkpoints and logs (Lightning), and the model folder
+    first = launched_as_rank_zero()
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "train_config.json", cfg.model_dump(mode="json"))
-    if not resume:
-        write_json(out / "init_from.json", {"init_from": init_from})
+    if first:
+        write_json(out / "train_config.json", cfg.model_dump(mode="json"))
+        if not resume:
+            write_json(out / "init_from.json", {"init_from": init_from})
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    accelerator = resolve_accelerator(device)
+    strategy = _strategy(accelerator, devices, num_nodes, cfg)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    accelerator = resolve_accelerator(device)
+        if strategy != "auto":  # else Lightning's DDP launcher sets cores / processes (OMP_NUM_THREADS unset)
+            os.environ["OMP_NUM_THREADS"] = str(cfg.trainer.threads)
     precision = resolve_precision(cfg.trainer.precision, accelerator)
     train_loader, val_loader = make_loaders(store_obj, cfg, cfg.trainer.seed)
     module = _lightning_module_class()(cfg.model_dump(mode="json"))
@@ -618,7 +731,7 @@ def train(
     callbacks = [best, per_epoch, per_steps, LearningRateMonitor(logging_interval="step"), *(extra_callbacks or [])]
     trainer = pl.Trainer(
         default_root_dir=out, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-        strategy="ddp" if (str(devices) not in ("1", "auto") or num_nodes > 1) else "auto",
+        strategy=strategy,
         precision=precision, max_epochs=cfg.trainer.max_epochs, max_steps=cfg.trainer.max_steps,
         max_time={"minutes": cfg.trainer.max_minutes} if cfg.trainer.max_minutes else None,
         gradient_clip_val=cfg.optim.grad_clip if not cfg.is_gan else None,
@@ -629,15 +742,15 @@ def train(
         enable_model_summary=False, deterministic="warn", num_sanity_val_steps=0,
         use_distributed_sampler=False, plugins=[atomic_io()],
     )
-    ckpt_path = _resume_checkpoint(ckpt_dir, resume)
+    ckpt_path = _resume_checkpoint(ckpt_dir, resume, clean=first)
     if resume and ckpt_path is None and init_from is not None:
         raise InputError(f"{out}: this fine-tuning run has no checkpoint yet; start it again with --init (no --resume)")
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     elapsed = time.perf_counter() - t0
+    weights_from = _final_validation(trainer, module, val_loader, best)  # on every rank: it has collectives
     if trainer.global_rank != 0:
         return out
-    weights_from = _final_validation(trainer, module, val_loader, best)
     return write_model_folder(out, module, cfg, store_obj, trainer, elapsed, weights_from, data_notes or {},
                               init_from=init_from)
 
@@ -675,7 +788,9 @@ def _final_validation(trainer, module, val_loader, best) -> str | None:
     """Validate the final weights, and the best checkpoint's if it scored higher; keep the better ones.
 
     Returns the checkpoint to take the weights from (None: the module's final weights). Afterwards
-    ``trainer.callback_metrics`` holds the validation metrics of the weights kept.
+    ``trainer.callback_metrics`` holds the validation metrics of the weights kept. Under DDP every rank must
+    call it (validation all-gathers its sums); the metrics and the best score are the same on every rank, so
+    all ranks take the same branch.
     """
     if val_loader is None:
         return None
@@ -731,10 +846,10 @@ def _checkpoint_classes():
     return StepCheckpoint, AtomicCheckpointIO
 
 
-def _resume_checkpoint(ckpt_dir: Path, resume: bool) -> str | None:
+def _resume_checkpoint(ckpt_dir: Path, resume: bool, clean: bool = True) -> str | None:
     if not resume:
         return None
-    for stale in ckpt_dir.glob(".*.tmp*"):  # what a run killed while writing a checkpoint left
+    for stale in ckpt_dir.glob(".*.tmp*") if clean else ():  # what a run killed while writing a checkpoint left
         stale.unlink(missing_ok=True)
     last = ckpt_dir / "last.ckpt"
     if not last.exists():
