@@ -120,7 +120,7 @@ def test_rank_zero_from_the_environment(monkeypatch):
     assert not launched_as_rank_zero()
 
 
-def test_strategy_and_no_distributed_sampler(fast_training):
+def test_strategy_choice(fast_training):
     from lightning.pytorch.strategies import DDPStrategy
 
     from synth7t.config import load_config
@@ -134,8 +134,28 @@ def test_strategy_and_no_distributed_sampler(fast_training):
     assert isinstance(_strategy("cpu", "1", 2, cfg), DDPStrategy)  # one device on each of 2 nodes
     gan = load_config("tiny", {**fast_training, "critic": {"channels": 8, "n_layers": 2}})
     assert _strategy("cpu", "2", 1, gan)._ddp_kwargs["find_unused_parameters"] is True
-    source = Path(__file__).resolve().parents[2] / "src" / "synth7t" / "training.py"
-    assert "use_distributed_sampler=False" in source.read_text()  # Lightning must not wrap EpochSampler
+
+
+def test_lightning_does_not_wrap_the_epoch_sampler(tiny_store, tmp_path, fast_training):
+    """The Trainer of train() keeps Lightning from replacing EpochSampler by a DistributedSampler under DDP (it
+    would shard the already sharded epoch again, or shuffle it its own way)."""
+    import lightning.pytorch as pl
+
+    from synth7t.training import train
+
+    seen = {}
+
+    class Look(pl.Callback):
+        def on_fit_start(self, trainer, module):
+            seen["use_distributed_sampler"] = trainer._accelerator_connector.use_distributed_sampler
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen["sampler"] = type(trainer.train_dataloader.sampler)
+
+    over = {**fast_training, "trainer.max_epochs": 1, "trainer.limit_train_batches": 1}
+    train(tiny_store[1], tmp_path / "run", preset="tiny", overrides=over, progress=False, device="cpu",
+          extra_callbacks=[Look()])
+    assert seen == {"use_distributed_sampler": False, "sampler": EpochSampler}
 
 
 # ---------------------------------------------------------------------------------------------------------
