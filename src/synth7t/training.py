@@ -18,6 +18,10 @@ mean); the last two are restored at the first batch trained after the resume. Ch
 validation and the epoch's scheduler step, takes its place) and at every epoch's end, each to a temporary file
 renamed into place, so a kill while writing leaves the previous ``last.ckpt`` usable. Work done after the last
 checkpoint is recomputed, identically.
+
+DDP (``devices`` > 1 or ``num_nodes`` > 1): every rank runs :func:`train`; :class:`EpochSampler` gives each rank a
+strided share of the epoch (W ranks at batch b take the steps of one process at batch W * b), validation is
+sharded and its sums all-gathered, every rank takes part in the final validation, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -742,6 +746,9 @@ def train(
         enable_model_summary=False, deterministic="warn", num_sanity_val_steps=0,
         use_distributed_sampler=False, plugins=[atomic_io()],
     )
+    if train_loader.sampler.n < trainer.world_size:  # every rank's share of an epoch would be empty
+        raise InputError(f"{store_obj.root}: the train split has {train_loader.sampler.n} slices, fewer than the "
+                         f"{trainer.world_size} DDP processes")
     ckpt_path = _resume_checkpoint(ckpt_dir, resume, clean=first)
     if resume and ckpt_path is None and init_from is not None:
         raise InputError(f"{out}: this fine-tuning run has no checkpoint yet; start it again with --init (no --resume)")

@@ -259,3 +259,12 @@ def test_ddp_killed_mid_epoch_resumes_exactly(tiny_store, tmp_path, fast_trainin
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_more_processes_than_training_slices_is_a_one_line_error(tiny_store, tmp_path, fast_training):
+    from synth7t.errors import InputError
+    from synth7t.training import train
+
+    with pytest.raises(InputError, match="fewer than the 200 DDP processes"):  # refused before any process starts
+        train(tiny_store[1], tmp_path / "run", preset="tiny", overrides=fast_training, progress=False, device="cpu",
+              devices=200)
