@@ -198,11 +198,19 @@ def pack(
     val: Annotated[float, typer.Option(help="Fraction of subjects for validation.")] = 0.15,
     test: Annotated[float, typer.Option(help="Fraction of subjects held out for testing.")] = 0.15,
     overwrite: Annotated[bool, typer.Option(help="Rebuild an existing store.")] = False,
+    allow_mixed_preprocessing: Annotated[bool, typer.Option(
+        help="Pack subjects preprocessed with different settings (skull strip, N4, registration, voxel size); "
+             "refused by default. store.json records which subject had which.")] = False,
 ) -> None:
-    """Crop, normalize and store preprocessed subjects as float16 memory-mapped slices with splits."""
+    """Crop, normalize and store preprocessed subjects as float16 memory-mapped slices with splits.
+
+    store.json records the preprocessing recipe of the subjects (from their provenance.json); training copies it
+    into the model folder and predict applies it by default.
+    """
     from synth7t.dataset.pack import pack as pack_fn
 
-    path = pack_fn(work, out, multiple=multiple, seed=seed, split=(1 - val - test, val, test), overwrite=overwrite)
+    path = pack_fn(work, out, multiple=multiple, seed=seed, split=(1 - val - test, val, test), overwrite=overwrite,
+                   allow_mixed=allow_mixed_preprocessing)
     typer.echo(f"slice store: {path}")
 
 
