@@ -162,10 +162,10 @@ def preprocess(
     result = preprocess_fn(subjects, out, jobs=jobs, shard=shard_kn, skullstrip=skullstrip,
                            t3_already_corrected=t3_already_corrected, fast=preset == "demo", key_file=key_file,
                            mapping_file=mapping, keep_head=keep_head is not None, private_dir=keep_head)
-    typer.echo(f"preprocessed {len(result.done)}, skipped {len(result.skipped)} (already done), "
-               f"rejected by QC {len(result.rejected)}, failed {len(result.failed)} -> {out}")
-    for sid, reason in result.failed.items():
-        typer.echo(f"  failed: {sid}: {reason}", err=True)
+    lines = result.summary().splitlines()
+    lines[0] += f" -> {out}"
+    for line in lines:
+        typer.echo(line, err=line.startswith("  failed:"))
     if result.failed:
         raise typer.Exit(code=1)
 
