@@ -19,6 +19,11 @@ depth) and lie entirely in the inferior ``inferior_fraction`` of the brain's axi
 only ever cut the bottom of the brain); ``min_slice`` is the axial slice just above the highest such component,
 the lowest usable slice. Training uses slices ``>= min_slice``.
 
+Voxels of the mask whose intensity is exactly 0 are treated as outside it: a magnitude image is never exactly 0
+where it measured tissue (noise alone keeps it positive, and a drop-out attenuates rather than erases), so such
+voxels are holes an earlier skull strip cut (cisterns, ventricles of an already stripped brain) that a filled
+mask covers again, and they are surface, not drop-out.
+
 The depth criterion separates drop-out from CSF: a mask that keeps some CSF (a loosely stripped brain, the
 nonzero support of a stripped template) has dark cisterns and sulci at the base of the brain whose local mean
 falls below ``dropout_ratio * M`` too, but they form a shell along the surface, whereas a drop-out is a
@@ -185,6 +190,9 @@ def corruption_min_slice(data: np.ndarray, mask: np.ndarray, zooms, **params: fl
         raise ValueError(f"unknown QC parameter(s): {', '.join(sorted(unknown))}")
     p = {**DEFAULTS, **params}
     data, mask = _check(data, mask)
+    mask = mask & (data != 0)  # exact zeros carry no measurement (an earlier skull strip removed them)
+    if not mask.any():
+        raise ValueError("the image is 0 everywhere in the brain mask")
     comp = {"min_volume_ml": p["min_volume_ml"], "inferior_fraction": p["inferior_fraction"],
             "min_depth_mm": p["min_depth_mm"]}
     drop, drop_ml = _inferior_components(
