@@ -122,3 +122,17 @@ def test_depth_ignores_the_field_of_view_edge():
     mask[:, :, 5:] = False
     d = qc.depth_mm(mask, (1.0, 1.0, 2.0))
     assert d[10, 10, 4] == 2.0 and d[10, 10, 0] == 10.0
+
+
+def test_exact_zero_holes_are_outside_the_mask(brain):
+    """Exact zeros under a filled mask (a hole an earlier skull strip cut) are not drop-out; the same region
+    with a measured, if tiny, signal is."""
+    data, top = _dropout(brain)
+    mask = brain.data > 0
+    hole = (data < brain.data) & mask  # the ellipsoid at the bottom-back of the brain
+    holed = np.where(hole, 0.0, brain.data).astype(np.float32)
+    assert qc.corruption_min_slice(holed, mask, brain.zooms).min_slice == 0
+    faint = np.where(hole, 0.01 * brain.data, brain.data).astype(np.float32)
+    assert qc.corruption_min_slice(faint, mask, brain.zooms).min_slice >= top - 3
+    with pytest.raises(ValueError, match="0 everywhere"):
+        qc.corruption_min_slice(np.zeros(brain.shape, np.float32), mask, brain.zooms)
