@@ -34,7 +34,9 @@ brain mask and with masks loosened by 5 and 8 mm of CSF, 0 flagged (the former d
 simulated 7T slabs at 0.65 mm (formerly 3 of 8), 0 of 4 clean slabs flagged; the same drop-out profile injected
 into the cerebellum of the real heads found in 9 of 11 at 0.65 mm (the former defaults: the same 9; the two
 misses are draws that leave little below ``dropout_ratio``) and 11 of 11 at 1.3 mm (formerly 10). CSF shells
-of the loosened masks reached at most ~9.5 mm deep, drop-outs 11-22 mm.
+of the loosened masks reached at most ~9.5 mm deep, drop-outs 11-22 mm. Known limit: in a slab (the demo's
+40 mm 7T) a dark basal cistern cut open by the slab's lower edge reaches "the surface" there and is as deep as a
+drop-out; one of two further clean demo slabs is cut for it (as with the former defaults).
 
 **Motion** (:func:`motion_score`). Motion during an acquisition corrupts some phase-encode lines of k-space;
 in the image this shows as stripes and ghosts along that axis (thesis fig. 11). A natural image's power
