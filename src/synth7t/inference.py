@@ -22,8 +22,9 @@ clipped 1st-99th percentile range, or the input's intensity units with ``rescale
 ``uncertainty.nii.gz`` (with ``tta``), ``syn7t_on_input_grid.nii.gz`` (with ``resample_to_input``) and
 ``provenance.json`` (which records each preprocessing step, its value and where the value came from: the
 training recipe, an option, or the default). Options (``skullstrip``, ``n4``, ``voxel_size_mm``) override the
-training recipe, with a logged warning when they differ from it. Every output volume's affine is that of the resampled canonical grid, which covers the
-same world space as the input: the output overlays the input in any viewer.
+training recipe, with a logged warning when they differ from it. Every output volume's affine is that of the
+resampled canonical grid, which covers the same world space as the input: the output overlays the input in any
+viewer.
 """
 
 from __future__ import annotations
@@ -254,10 +255,8 @@ def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skul
         brain = vol
         mask = vol.with_data(clean_mask(vol.data > 0).astype(np.float32))
     else:
-        from synth7t.preprocess.bias import n4
+        from synth7t.preprocess.bias import N4Params, n4
         from synth7t.preprocess.skullstrip import strip
-
-        from synth7t.preprocess.bias import N4Params
 
         params = N4Params(**n4_preset) if isinstance(n4_preset, dict) else n4_preset
         corrected = vol if params == "none" else n4(vol, params)
