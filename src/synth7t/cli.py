@@ -162,10 +162,10 @@ def preprocess(
     result = preprocess_fn(subjects, out, jobs=jobs, shard=shard_kn, skullstrip=skullstrip,
                            t3_already_corrected=t3_already_corrected, fast=preset == "demo", key_file=key_file,
                            mapping_file=mapping, keep_head=keep_head is not None, private_dir=keep_head)
-    typer.echo(f"preprocessed {len(result.done)}, skipped {len(result.skipped)} (already done), "
-               f"rejected by QC {len(result.rejected)}, failed {len(result.failed)} -> {out}")
-    for sid, reason in result.failed.items():
-        typer.echo(f"  failed: {sid}: {reason}", err=True)
+    lines = result.summary().splitlines()
+    lines[0] += f" -> {out}"
+    for line in lines:
+        typer.echo(line, err=line.startswith("  failed:"))
     if result.failed:
         raise typer.Exit(code=1)
 
@@ -198,11 +198,19 @@ def pack(
     val: Annotated[float, typer.Option(help="Fraction of subjects for validation.")] = 0.15,
     test: Annotated[float, typer.Option(help="Fraction of subjects held out for testing.")] = 0.15,
     overwrite: Annotated[bool, typer.Option(help="Rebuild an existing store.")] = False,
+    allow_mixed_preprocessing: Annotated[bool, typer.Option(
+        help="Pack subjects preprocessed with different settings (skull strip, N4, registration, voxel size); "
+             "refused by default. store.json records which subject had which.")] = False,
 ) -> None:
-    """Crop, normalize and store preprocessed subjects as float16 memory-mapped slices with splits."""
+    """Crop, normalize and store preprocessed subjects as float16 memory-mapped slices with splits.
+
+    store.json records the preprocessing recipe of the subjects (from their provenance.json); training copies it
+    into the model folder and predict applies it by default.
+    """
     from synth7t.dataset.pack import pack as pack_fn
 
-    path = pack_fn(work, out, multiple=multiple, seed=seed, split=(1 - val - test, val, test), overwrite=overwrite)
+    path = pack_fn(work, out, multiple=multiple, seed=seed, split=(1 - val - test, val, test), overwrite=overwrite,
+                   allow_mixed=allow_mixed_preprocessing)
     typer.echo(f"slice store: {path}")
 
 
@@ -265,16 +273,29 @@ def predict(
     overwrite: Annotated[bool, typer.Option(help="Redo inputs whose outputs exist.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(help="Slices per forward pass (default: adapts to memory).")] = None,
-    skullstrip: Annotated[str | None, typer.Option(help="deepbet, synthstrip or threshold (default: deepbet).")] = None,
+    skullstrip: Annotated[str | None, typer.Option(help="deepbet, synthstrip or threshold (default: the method the "
+                                                  "model's training data were stripped with; deepbet if the model "
+                                                  "folder does not say).")] = None,
+    n4: Annotated[str | None, typer.Option(help="3T bias correction: N4 preset 3t, 7t or demo, or none (default: as "
+                                           "the model's training 3T scans; 3t if the model folder does not "
+                                           "say).")] = None,
+    voxel_size: Annotated[float | None, typer.Option(help="Voxel size (mm) of the grid the model runs on (default: "
+                                                     "its training grid).")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on a capable GPU, else fp32), 32 or bf16.")] = "auto",
 ) -> None:
-    """Turn raw 3T T1w scans into synthetic 7T brains, in the input's own world space."""
+    """Turn raw 3T T1w scans into synthetic 7T brains, in the input's own world space.
+
+    Unless --preprocessed, inputs are bias-corrected, skull-stripped and resampled as the model's training data
+    were (config.json "preprocessing"); --skullstrip, --n4 and --voxel-size override that with a warning when
+    they differ. provenance.json records each step and where its setting came from.
+    """
     from synth7t.inference import PredictOptions
     from synth7t.inference import predict as predict_fn
 
     opts = PredictOptions(preprocessed=preprocessed, age=age, sex=sex, diagnosis=diagnosis, tta=tta,
                           rescale=rescale, resample_to_input=resample_to_input, overwrite=overwrite,
-                          device=device, batch_size=batch_size, skullstrip=skullstrip, precision=precision)
+                          device=device, batch_size=batch_size, skullstrip=skullstrip, precision=precision,
+                          n4=n4, voxel_size_mm=voxel_size)
     result = predict_fn(model, inputs, out, opts)
     typer.echo(result.summary())
     if result.failed:

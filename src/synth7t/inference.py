@@ -3,10 +3,12 @@
 For each input (:func:`predict_volume`):
 
 1. load and validate, reorient to canonical RAS+ (an axis permutation: no resampling);
-2. unless ``preprocessed``: N4 with the ``3t`` preset, then skull stripping (the model folder says which
-   method its training used; deepbet by default); a preprocessed input's brain mask is its non-zero voxels;
-3. resample the brain to the model's voxel size (0.65 mm by default) *in the scan's own canonical frame*
-   (linear for the image, nearest neighbour for the mask): no template, no 7T needed;
+2. unless ``preprocessed``: N4, then skull stripping, both as the model's training data were prepared (the
+   model folder's ``config.json`` ``preprocessing``: the 3T N4 preset, ``none`` when its 3T scans came
+   bias-corrected, and the skull-strip method; ``3t`` and deepbet for a model folder that does not say);
+   a preprocessed input's brain mask is its non-zero voxels;
+3. resample the brain to the model's voxel size (that of its training grid, 0.65 mm by default) *in the scan's
+   own canonical frame* (linear for the image, nearest neighbour for the mask): no template, no 7T needed;
 4. crop to the brain box, pad in-plane to a multiple of the model's down-sampling factor, clipped min-max
    normalization with the model's percentiles, and the model's input standardization if it was trained with
    one (brain intensities mapped onto the training split's 7T histogram, :mod:`synth7t.intensity`);
@@ -18,8 +20,11 @@ For each input (:func:`predict_volume`):
 Outputs (per input, in ``OUT/<name>/``): ``syn7t.nii.gz`` (float32, model units [0, 1] = the input brain's
 clipped 1st-99th percentile range, or the input's intensity units with ``rescale``), ``mask.nii.gz``,
 ``uncertainty.nii.gz`` (with ``tta``), ``syn7t_on_input_grid.nii.gz`` (with ``resample_to_input``) and
-``provenance.json``. Every output volume's affine is that of the resampled canonical grid, which covers the
-same world space as the input: the output overlays the input in any viewer.
+``provenance.json`` (which records each preprocessing step, its value and where the value came from: the
+training recipe, an option, or the default). Options (``skullstrip``, ``n4``, ``voxel_size_mm``) override the
+training recipe, with a logged warning when they differ from it. Every output volume's affine is that of the
+resampled canonical grid, which covers the same world space as the input: the output overlays the input in any
+viewer.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class PredictOptions:
     batch_size: int | None = None
     precision: str = "auto"  # auto (bf16 on a GPU that supports it, fp32 on CPU), 32 or bf16
     skullstrip: str | None = None  # None: what the model's training used
+    n4: str | None = None  # 3T N4 preset (3t, 7t, demo) or "none"; None: what the model's training used
+    voxel_size_mm: float | None = None  # None: the model's training grid
 
 
 @dataclass
@@ -186,8 +193,57 @@ def _available_ram() -> int:
 # one volume
 
 
-def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skullstrip: str) -> dict:
-    """Canonical 3T volume -> brain on the model's grid, its mask, the crop geometry and the normalized stack."""
+DEFAULT_STEPS = {"skullstrip": "deepbet", "n4": "3t"}
+
+
+def _recipe_value(recipe: dict, key: str):
+    """A step's value in the training recipe (``config.json`` ``preprocessing``), or None when unknown/mixed."""
+    v = recipe.get(key)
+    if key == "n4":
+        v = recipe.get("n4_3t")
+        if isinstance(v, str) and v.startswith("none"):
+            return "none"
+    if isinstance(v, dict) and "mixed" in v:
+        return None
+    return v
+
+
+def resolve_steps(predictor: Predictor, opts: PredictOptions) -> tuple[dict, list[str]]:
+    """The preprocessing steps of a prediction: ``{step: {"value", "source"}}`` with source ``option``,
+    ``training`` or ``default``; and a warning per option that differs from the training recipe."""
+    recipe = predictor.config.get("preprocessing") or {}
+    steps, warnings = {}, []
+    for key, option in (("skullstrip", opts.skullstrip), ("n4", opts.n4)):
+        trained = _recipe_value(recipe, key)
+        if option is not None:
+            steps[key] = {"value": option, "source": "option"}
+            if trained is not None and option != trained:
+                warnings.append(f"{key} {option!r} differs from the model's training data ({trained!r}); "
+                                "its predictions may suffer")
+        elif trained is not None:
+            steps[key] = {"value": trained, "source": "training"}
+        else:
+            steps[key] = {"value": DEFAULT_STEPS[key], "source": "default"}
+    trained_vox = list(predictor.voxel_mm)
+    if opts.voxel_size_mm is not None:
+        vox = [float(opts.voxel_size_mm)] * 3
+        steps["voxel_size_mm"] = {"value": vox, "source": "option"}
+        if not np.allclose(vox, trained_vox, atol=1e-3):
+            warnings.append(f"voxel size {opts.voxel_size_mm:g} mm differs from the model's training grid "
+                            f"({', '.join(f'{v:g}' for v in trained_vox)} mm); its predictions may suffer")
+    else:
+        steps["voxel_size_mm"] = {"value": trained_vox,
+                                  "source": "training" if "voxel_size_mm" in predictor.config else "default"}
+    if opts.preprocessed:
+        for key in ("skullstrip", "n4"):
+            steps[key] = {"value": None, "source": "skipped: input is preprocessed"}
+    return steps, warnings
+
+
+def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skullstrip: str,
+                  n4_preset: str | dict = "3t", voxel_mm: tuple[float, float, float] | None = None) -> dict:
+    """Canonical 3T volume -> brain on the model's grid (``voxel_mm``, default the model's), its mask, the crop
+    geometry and the normalized stack. ``n4_preset``: a preset name, N4 parameters, or ``"none"``."""
     from synth7t.dataset.pack import clipped_minmax, crop_box, crop_pad
     from synth7t.preprocess.register import resample_to
 
@@ -199,20 +255,22 @@ def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skul
         brain = vol
         mask = vol.with_data(clean_mask(vol.data > 0).astype(np.float32))
     else:
-        from synth7t.preprocess.bias import n4
+        from synth7t.preprocess.bias import N4Params, n4
         from synth7t.preprocess.skullstrip import strip
 
-        corrected = n4(vol, "3t")
+        params = N4Params(**n4_preset) if isinstance(n4_preset, dict) else n4_preset
+        corrected = vol if params == "none" else n4(vol, params)
         timings["n4"] = time.perf_counter() - t0
         mask, _ = strip(corrected, skullstrip)
         brain = corrected.with_data(corrected.data * (mask.data > 0))
         timings["skullstrip"] = time.perf_counter() - t0 - timings["n4"]
     t1 = time.perf_counter()
-    brain_r = resample_to(brain, predictor.voxel_mm, order=1)
+    voxel_mm = voxel_mm or predictor.voxel_mm
+    brain_r = resample_to(brain, voxel_mm, order=1)
     mask_r = resample_to(mask, (brain_r.shape, brain_r.affine), order=0)
     m = mask_r.data > 0
     if not m.any():
-        raise InputError(f"{vol.source}: no brain left after resampling to {predictor.voxel_mm} mm")
+        raise InputError(f"{vol.source}: no brain left after resampling to {voxel_mm} mm")
     box = crop_box(m)
     stack, geom = crop_pad(brain_r.data, box, None, predictor.multiple)  # (Z, H, W)
     mstack, _ = crop_pad(m.astype(np.uint8), box, None, predictor.multiple)
@@ -229,8 +287,10 @@ def predict_volume(predictor: Predictor, vol: Volume, opts: PredictOptions, *, c
 
     cov = covariates or {}
     canonical, info = to_canonical(vol)
-    method = opts.skullstrip or predictor.config.get("preprocessing", {}).get("skullstrip", "deepbet")
-    prep = prepare_input(canonical, predictor, preprocessed=opts.preprocessed, skullstrip=method)
+    steps, _ = resolve_steps(predictor, opts)
+    prep = prepare_input(canonical, predictor, preprocessed=opts.preprocessed,
+                         skullstrip=steps["skullstrip"]["value"], n4_preset=steps["n4"]["value"],
+                         voxel_mm=tuple(steps["voxel_size_mm"]["value"]))
     t0 = time.perf_counter()
     pred, unc = predictor.predict_stack(prep["stack"], age=cov.get("age"), sex=cov.get("sex"),
                                         group=diagnosis_group(cov.get("diagnosis")), batch_size=opts.batch_size,
@@ -241,7 +301,8 @@ def predict_volume(predictor: Predictor, vol: Volume, opts: PredictOptions, *, c
         pred = np.where(prep["mask_stack"] > 0, denormalize(pred, prep["limits"]), 0.0)
     grid = prep["brain"]
     out = {"syn7t": grid.with_data(uncrop(pred.astype(np.float32), prep["geometry"])), "mask": prep["mask"],
-           "limits": prep["limits"], "timings": prep["timings"], "reorientation": info, "canonical": canonical}
+           "limits": prep["limits"], "timings": prep["timings"], "reorientation": info, "canonical": canonical,
+           "steps": steps}
     if unc is not None:
         out["uncertainty"] = grid.with_data(uncrop((unc * (prep["mask_stack"] > 0)).astype(np.float32),
                                                    prep["geometry"]))
@@ -307,6 +368,14 @@ def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path, out: s
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     jobs = collect_inputs(inputs, opts)
     predictor = Predictor(model_dir, opts.device, opts.precision)
+    steps, warnings = resolve_steps(predictor, opts)
+    if opts.n4 is not None and opts.n4 != "none":
+        from synth7t.preprocess.bias import n4_preset
+
+        n4_preset(opts.n4)  # an unknown preset fails here, once, not once per input
+    for w in warnings:
+        log.warning("%s", w)
+    log.info("preprocessing: %s", ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in steps.items()))
     out = Path(out)
     result = PredictResult()
     for job in progress_bar(jobs, "predict", enabled=progress and len(jobs) > 1):
@@ -363,7 +432,9 @@ def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: di
         "intensity_units": ("input intensity units (clipped range of the input brain)" if opts.rescale
                             else "model units: 0 and 1 = the input brain's 1st and 99th percentiles"),
         "normalization_limits": list(res["limits"]),
-        "voxel_size_mm": list(predictor.voxel_mm),
+        "voxel_size_mm": list(res["steps"]["voxel_size_mm"]["value"]),
+        "preprocessing": res["steps"],
+        "training_preprocessing": predictor.config.get("preprocessing") or {},
         "parameters": {k: v for k, v in vars(opts).items() if k not in ("age", "sex", "diagnosis")},
         "covariates_given": {k: getattr(job, k) is not None for k in ("age", "sex", "diagnosis")},
         "device": str(predictor.device),

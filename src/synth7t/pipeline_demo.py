@@ -191,5 +191,5 @@ def _predict_one_raw(model: Path, manifest: Path, out: Path, progress: bool) -> 
     raw = manifest.parent / row["t3"]
     res = predict(model, [raw], out / "predictions",
                   PredictOptions(age=float(row["age"]), sex=row["sex"], diagnosis=row["diagnosis"], tta=True,
-                                 resample_to_input=True, skullstrip="threshold"), progress=progress)
+                                 resample_to_input=True), progress=progress)  # N4 and skull strip: the model's recipe
     return res.done[0] if res.done else None

@@ -26,8 +26,12 @@ def brain_volumes(shape, center, radii, rng: np.random.Generator):
 
 
 def write_subject(work: Path, name: str, *, shape=(40, 48, 30), center=None, radii=None, seed=0,
-                  t7=True, age=70, sex="F", group="healthy", min_slice=0, rejected=False, done=True):
-    """One subject folder of the preprocessed work layout; returns the folder."""
+                  t7=True, age=70, sex="F", group="healthy", min_slice=0, rejected=False, done=True,
+                  prep: dict | None = None, provenance: bool = True):
+    """One subject folder of the preprocessed work layout; returns the folder.
+
+    ``provenance.json`` records the pipeline's default settings, changed by ``prep`` (PreprocessConfig fields).
+    """
     rng = np.random.default_rng(seed)
     center = center or tuple(n / 2 for n in shape)
     radii = radii or tuple(n * 0.35 for n in shape)
@@ -42,7 +46,13 @@ def write_subject(work: Path, name: str, *, shape=(40, 48, 30), center=None, rad
     write_json(folder / "subject.json", {"id": name, "age": age, "sex": sex, "diagnosis": None, "group": group})
     write_json(folder / "qc.json", {"min_slice": min_slice, "motion_score": 0.1, "registration_ncc": 0.9,
                                     "rejected": rejected, "flagged": False,
-                                    "reasons": ["too much motion"] if rejected else []})
+                                    "reasons": ["too much motion"] if rejected else [],
+                                    "details": {"mask_method_3t": (prep or {}).get("skullstrip", "deepbet")}})
+    if provenance:
+        from synth7t.preprocess.pipeline import PreprocessConfig
+
+        cfg = PreprocessConfig(**(prep or {}))
+        write_json(folder / "provenance.json", {"params": cfg.method_params(), "params_hash": cfg.params_hash()})
     if done:
         (folder / ".done").write_text(json.dumps({"params_hash": "abc"}))
     return folder

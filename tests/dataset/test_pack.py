@@ -184,3 +184,41 @@ def test_pack_errors(tmp_path):
         pack(tmp_path / "empty", tmp_path / "store", progress=False)
     with pytest.raises(ConfigError, match="power of two"):
         pack(tmp_path / "empty", tmp_path / "store", multiple=24)
+
+
+def test_store_records_the_preprocessing(packed):
+    """store.json's ``preprocessing`` is the subjects' shared recipe, read from their provenance.json."""
+    _, store = packed
+    prep = json.loads((store / "store.json").read_text())["preprocessing"]
+    assert prep["skullstrip"] == "deepbet" and prep["n4_3t"] == "3t" and prep["n4_7t"] == "7t"
+    assert prep["n4_7t_first"] == "3t" and prep["t3_already_corrected"] is False
+    assert prep["registration_resolution_mm"] == 1.0 and prep["registration_transform"] == "SyN"
+    assert prep["voxel_size_mm"] == [0.65, 0.65, 0.65] and prep["pipeline_version"] >= 1
+    assert prep["normalization"] == {"method": "clipped_minmax", "lower_pct": 1.0, "upper_pct": 99.0}
+    assert "CSF" in prep["csf"] and prep["skullstrip_used"] == {"deepbet": 9}  # 8 + the one without 7T
+    assert "unknown" not in prep
+
+
+def test_pack_refuses_mixed_preprocessing_unless_allowed(tmp_path, caplog):
+    work = make_work(tmp_path, 4)
+    write_subject(work, "zthr", seed=9, prep={"skullstrip": "threshold", "n4_3t": "demo"})
+    with pytest.raises(ConfigError, match=r"different settings \(skullstrip: .*n4_3t: .*allow-mixed"):
+        pack(work, tmp_path / "store", split=(3, 1, 1), progress=False)
+    assert not (tmp_path / "store" / "store.json").exists()
+    with caplog.at_level("WARNING"):
+        pack(work, tmp_path / "store", split=(3, 1, 1), progress=False, allow_mixed=True)
+    assert "different settings" in caplog.text
+    prep = json.loads((tmp_path / "store" / "store.json").read_text())["preprocessing"]
+    assert prep["skullstrip"] == {"mixed": {"deepbet": ["s000", "s001", "s002", "s003"], "threshold": ["zthr"]}}
+    assert prep["n4_7t"] == "7t"  # shared settings are still plain values
+
+
+def test_pack_without_provenance_records_unknown(tmp_path, caplog):
+    work = tmp_path / "work"
+    for i in range(3):
+        write_subject(work, f"p{i}", seed=i, provenance=False)
+    with caplog.at_level("WARNING"):
+        pack(work, tmp_path / "store", split=(1, 1, 1), progress=False)
+    prep = json.loads((tmp_path / "store" / "store.json").read_text())["preprocessing"]
+    assert prep["unknown"] == ["p0", "p1", "p2"] and "skullstrip" not in prep
+    assert "no provenance.json" in caplog.text

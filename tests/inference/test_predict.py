@@ -160,3 +160,57 @@ def test_input_standardization_is_applied_at_prediction(tmp_path):
     bad = save_model_folder(tmp_path / "bad", net.state_dict(), config, {}, "# untrained test model\n")
     with pytest.raises(InputError, match="input_standardization"):
         Predictor(bad, "cpu")
+
+
+def _model_with_recipe(tiny_model, dest, **recipe):
+    """A copy of the tiny model folder whose config.json ``preprocessing`` is changed by ``recipe``."""
+    import shutil
+
+    from synth7t.training import _sha256
+
+    shutil.copytree(tiny_model, dest, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["preprocessing"] = {**cfg["preprocessing"], **recipe}
+    (dest / "config.json").write_text(json.dumps(cfg))
+    lines = (dest / "checksums.sha256").read_text().splitlines()
+    (dest / "checksums.sha256").write_text("".join(
+        f"{_sha256(dest / 'config.json')}  config.json\n" if line.endswith(" config.json") else line + "\n"
+        for line in lines))
+    return dest
+
+
+def test_predict_applies_the_training_recipe_and_warns_on_override(tiny_model, tmp_path, caplog):
+    """A raw input is skull-stripped and bias-corrected as the model's training data were, unless told."""
+    model = _model_with_recipe(tiny_model, tmp_path / "model", skullstrip="threshold",
+                               n4_3t="none (already corrected)")
+    src = _oblique_brain(tmp_path)
+    with caplog.at_level("WARNING"):
+        res = predict(model, [src], tmp_path / "a", PredictOptions(), progress=False)
+    assert not res.failed and "differs from the model's training" not in caplog.text
+    prov = json.loads((tmp_path / "a" / "brain" / "provenance.json").read_text())
+    assert prov["preprocessing"]["skullstrip"] == {"value": "threshold", "source": "training"}
+    assert prov["preprocessing"]["n4"] == {"value": "none", "source": "training"}
+    assert prov["preprocessing"]["voxel_size_mm"]["source"] == "training"
+    assert prov["training_preprocessing"]["skullstrip"] == "threshold"
+    assert "n4" not in prov["timings_s"] or prov["timings_s"]["n4"] < 0.05  # no N4 ran
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        res = predict(model, [src], tmp_path / "b", PredictOptions(n4="3t", skullstrip="threshold"), progress=False)
+    assert not res.failed
+    assert "n4 '3t' differs from the model's training data ('none')" in caplog.text
+    assert "skullstrip" not in caplog.text  # the same method as the training: no warning
+    prov = json.loads((tmp_path / "b" / "brain" / "provenance.json").read_text())
+    assert prov["preprocessing"]["n4"] == {"value": "3t", "source": "option"}
+
+
+def test_predict_without_recipe_uses_defaults(tiny_model):
+    from synth7t.inference import Predictor, resolve_steps
+
+    predictor = Predictor(tiny_model, "cpu")
+    predictor.config["preprocessing"] = {}
+    steps, warnings = resolve_steps(predictor, PredictOptions(skullstrip="threshold", voxel_size_mm=1.0))
+    assert steps["skullstrip"] == {"value": "threshold", "source": "option"} and steps["n4"]["source"] == "default"
+    assert steps["voxel_size_mm"]["value"] == [1.0, 1.0, 1.0]
+    assert len(warnings) == 1 and "voxel size 1 mm differs" in warnings[0]  # only the grid is known
+    steps, _ = resolve_steps(predictor, PredictOptions(preprocessed=True))
+    assert steps["skullstrip"]["source"].startswith("skipped")

@@ -149,3 +149,44 @@ def test_config_hash_and_errors():
     with pytest.raises(ConfigError, match="skullstrip"):
         preprocess([], "/tmp/unused-synth7t", skullstrip="bet2")
     assert round_age(70.5) == 71 and round_age(70.49) == 70 and round_age(None) is None
+
+
+def test_summary_reports_slices_cut_per_subject(tmp_path, caplog):
+    """A 7T with inferior drop-out is cut by QC, another subject by its manifest min_slice; the per-subject log
+    line, qc.json and the run summary say how many slices (mm) each lost, and clean subjects say none."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("pp_conftest", Path(__file__).with_name("conftest.py"))
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    from synth7t.io import Volume, load_volume, save_volume
+
+    brain = helpers._template_small()
+    subjects = []
+    for i, sid in enumerate(("drop", "clean", "manual")):
+        p3, p7 = helpers.write_pair(tmp_path, sid, brain, seed=i)
+        subjects.append(Subject(sid, p3, p7, min_slice=12 if sid == "manual" else None))
+    # drop-out: an ellipsoid at the bottom-back of the 7T brain at 20 % of its signal
+    v = load_volume(subjects[0].t7)
+    d = v.data.copy()
+    zs, ys = np.nonzero(d.any(axis=(0, 1)))[0], np.nonzero(d.any(axis=(0, 2)))[0]
+    c = np.array([d.shape[0] / 2, ys[0] + 0.3 * (ys[-1] - ys[0]), zs[0] + 4])
+    inside = (((np.indices(d.shape).transpose(1, 2, 3, 0) - c) / np.array([12, 10, 7])) ** 2).sum(-1) <= 1
+    d[inside] *= 0.2
+    save_volume(subjects[0].t7, Volume(d, v.affine), dtype=np.int16)
+    with caplog.at_level("INFO", logger="synth7t.preprocess.pipeline"):
+        res = preprocess(subjects, tmp_path / "work", pseudonym_key=KEY, **FAST)
+    assert sorted(res.done) == ["clean", "drop", "manual"], res.failed
+    assert set(res.cuts) == {"drop", "manual"} and res.cuts["manual"]["by"] == "manifest"
+    drop = res.cuts["drop"]
+    assert drop["by"] == "qc" and drop["slices"] >= 3 and drop["mm"] == pytest.approx(2.5 * drop["slices"])
+    q = json.loads((tmp_path / "work" / pseudonym("drop", KEY) / "qc.json").read_text())
+    assert q["cut"] == drop and q["min_slice"] > 0
+    summary = res.summary()
+    assert "inferior slices cut: 2 of 3 subject(s):" in summary
+    assert f"  drop: {drop['slices']} slice(s) ({drop['mm']:.1f} mm) for drop-out" in summary
+    assert "  manual: " in summary and "by the manifest" in summary
+    lines = {s: next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{s} -> "))
+             for s in ("drop", "clean")}
+    assert "for drop-out" in lines["drop"] and "no slice cut" in lines["clean"]

@@ -218,3 +218,13 @@ def test_generator_step_lowers_the_adversarial_loss(gan_module):
     assert adversarial() < before - 1e-4, (before, adversarial())
     assert all(torch.equal(a, b) for a, b in zip(critic_before, critic.parameters(), strict=True))  # not stepped
     assert {"l1", "loss", "adversarial"} <= parts.keys()
+
+
+def test_model_config_carries_the_preprocessing(tiny_model, tiny_store):
+    """config.json's ``preprocessing`` is the slice store's recipe (the work folder's provenance.json)."""
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    store = json.loads((tiny_store[1] / "store.json").read_text())
+    assert cfg["preprocessing"] == store["preprocessing"]
+    prep = cfg["preprocessing"]
+    assert prep["skullstrip"] == "deepbet" and prep["n4_3t"] == "3t" and prep["voxel_size_mm"] == [0.65] * 3
+    assert prep["normalization"]["method"] == "clipped_minmax"

@@ -329,6 +329,7 @@ class _Candidate:
     subject: dict
     qc: dict
     has_t7: bool
+    provenance: dict | None = None
 
 
 def _scan(work: Path) -> tuple[list[_Candidate], dict[str, str], list[str]]:
@@ -361,7 +362,12 @@ def _check_folder(folder: Path) -> tuple[str, _Candidate | None]:
         if not (folder / name).is_file():
             return f"{name} missing", None
     has_t7 = (folder / "t7.nii.gz").is_file()
-    return "", _Candidate(folder.name, folder, subject, qc, has_t7)
+    try:
+        prov = read_json(folder / "provenance.json") if (folder / "provenance.json").is_file() else None
+    except InputError as exc:
+        log.warning("%s: unreadable provenance.json (%s); its preprocessing is recorded as unknown", folder.name, exc)
+        prov = None
+    return "", _Candidate(folder.name, folder, subject, qc, has_t7, prov)
 
 
 def _params_hash(params: dict, prints: list[str]) -> str:
@@ -473,6 +479,7 @@ def pack(
     upper_pct: float = 99.0,
     overwrite: bool = False,
     progress: bool = True,
+    allow_mixed: bool = False,
 ) -> Path:
     """Pack the preprocessed work folder ``work`` into a slice store at ``out``; return ``out/store.json``.
 
@@ -497,6 +504,10 @@ def pack(
     cands = [c for c in cands if c.name in boxes]
     if not cands:
         raise InputError(f"{work}: no usable subject (finished, not rejected, with t3 and mask)")
+    prep = preprocessing_record(
+        {c.name: subject_recipe(c, _voxel_size(c)) for c in cands},
+        {c.name: [m for k, m in (c.qc.get("details") or {}).items() if k.startswith("mask_method")] for c in cands},
+        _normalization(lower_pct, upper_pct), allow_mixed=allow_mixed)
     hh = max(b[0][1] - b[0][0] for b in boxes.values())
     ww = max(b[1][1] - b[1][0] for b in boxes.values())
     hw = (round_up(hh, multiple), round_up(ww, multiple))
@@ -510,7 +521,96 @@ def pack(
             log.warning("skipping %s: %s", cand.name, exc)
             continue
         log.log(logging.INFO if progress else logging.DEBUG, "packed %d/%d %s", i + 1, len(cands), cand.name)
-    return _write_meta(out, subjects, skipped, hw, opts, phash)
+    return _write_meta(out, subjects, skipped, hw, opts, phash, prep)
+
+
+def _voxel_size(cand: _Candidate) -> list[float]:
+    """Voxel size (mm) of a subject's preprocessed grid, from its mask's header."""
+    import nibabel as nib
+
+    zooms = nib.load(cand.folder / "mask.nii.gz").header.get_zooms()[:3]
+    return [round(float(z), 4) for z in zooms]
+
+
+def _normalization(lower_pct: float, upper_pct: float) -> dict:
+    return {"method": "clipped_minmax", "lower_pct": lower_pct, "upper_pct": upper_pct}
+
+
+# the preprocessing settings that describe what a model's inputs look like: subjects packed together must share
+# them (the other settings of provenance.json, e.g. QC thresholds or the seed, do not change the images' kind)
+RECIPE_KEYS = ("pipeline_version", "skullstrip", "t3_already_corrected", "n4_3t", "n4_7t_first", "n4_7t",
+               "registration_resolution_mm", "registration_transform", "voxel_size_mm")
+CSF_HANDLING = ("t3/t7.nii.gz keep the CSF (cut to the brain+CSF mask); the store zeroes everything outside the "
+                "brain mask (mask.nii.gz)")
+
+
+def _n4_label(params: dict | None) -> str | dict | None:
+    from synth7t.preprocess.bias import preset_name
+
+    return preset_name(params) or params
+
+
+def subject_recipe(cand: _Candidate, voxel_size_mm: list[float]) -> dict | None:
+    """The preprocessing recipe of one subject from its ``provenance.json`` (None when it has none)."""
+    params = (cand.provenance or {}).get("params")
+    if not isinstance(params, dict):
+        return None
+    n4_3t = "none (already corrected)" if params.get("t3_already_corrected") else _n4_label(params.get("n4_3t"))
+    rec = {"pipeline_version": params.get("pipeline_version"), "skullstrip": params.get("skullstrip"),
+           "t3_already_corrected": params.get("t3_already_corrected"), "n4_3t": n4_3t,
+           "n4_7t_first": _n4_label(params.get("n4_7t_first")) if cand.has_t7 else None,
+           "n4_7t": _n4_label(params.get("n4_7t")) if cand.has_t7 else None,
+           "registration_resolution_mm": params.get("registration_resolution_mm") if cand.has_t7 else None,
+           "registration_transform": params.get("registration_transform") if cand.has_t7 else None,
+           "voxel_size_mm": voxel_size_mm}
+    return rec
+
+
+def preprocessing_record(recipes: dict[str, dict | None], methods: dict[str, list[str]], normalization: dict,
+                         *, allow_mixed: bool) -> dict:
+    """``store.json``'s ``preprocessing``: the recipe the packed subjects share (see docs/data-layout.md).
+
+    Settings that differ between subjects raise a :class:`ConfigError` naming them, or with ``allow_mixed`` are
+    recorded as ``{"mixed": {value: [subjects]}}`` with a warning. Subjects without ``provenance.json`` are
+    listed under ``unknown`` (with a warning).
+    """
+    known = {n: r for n, r in recipes.items() if r is not None}
+    unknown = sorted(n for n, r in recipes.items() if r is None)
+    rec: dict = {}
+    mixed: dict[str, dict[str, list[str]]] = {}
+    for key in RECIPE_KEYS:
+        values: dict[str, list[str]] = {}
+        for name, r in known.items():
+            if r.get(key) is None and key in ("n4_7t_first", "n4_7t", "registration_resolution_mm",
+                                              "registration_transform"):
+                continue  # prediction-only subjects have no 7T steps
+            values.setdefault(json.dumps(r.get(key), sort_keys=True), []).append(name)
+        if len(values) == 1:
+            rec[key] = json.loads(next(iter(values)))
+        elif len(values) > 1:  # keys: the value as written (strings unquoted)
+            mixed[key] = {(json.loads(k) if k.startswith('"') else k): sorted(v) for k, v in values.items()}
+            rec[key] = {"mixed": mixed[key]}
+    if mixed:
+        lines = "; ".join(f"{k}: " + ", ".join(f"{v} ({len(n)} subject(s), e.g. {n[0]})" for v, n in d.items())
+                          for k, d in mixed.items())
+        if not allow_mixed:
+            raise ConfigError(f"subjects were preprocessed with different settings ({lines}); re-run "
+                              "`synth7t preprocess` on them with one setting, or pack with "
+                              "--allow-mixed-preprocessing to accept a mixed store")
+        log.warning("packing subjects preprocessed with different settings: %s", lines)
+    if unknown:
+        log.warning("%d subject(s) have no provenance.json (preprocessing unknown): %s", len(unknown),
+                    ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
+        rec["unknown"] = unknown
+    if known:
+        rec["csf"] = CSF_HANDLING
+        used: dict[str, int] = {}
+        for ms in methods.values():
+            for m in ms:
+                used[m] = used.get(m, 0) + 1
+        rec["skullstrip_used"] = dict(sorted(used.items()))  # masks per method actually used (fallbacks show)
+    rec["normalization"] = normalization
+    return rec
 
 
 def _boxes(cands: list[_Candidate], skipped: dict[str, str]) -> dict[str, Box]:
@@ -525,7 +625,8 @@ def _boxes(cands: list[_Candidate], skipped: dict[str, str]) -> dict[str, Box]:
     return boxes
 
 
-def _write_meta(out: Path, subjects: dict, skipped: dict, hw, opts: dict, phash: str) -> Path:
+def _write_meta(out: Path, subjects: dict, skipped: dict, hw, opts: dict, phash: str,
+                preprocessing: dict | None = None) -> Path:
     trainable = [n for n, s in subjects.items() if s["has_t7"]]
     splits = assign_splits(
         trainable, [subjects[n]["group"] for n in trainable], opts["split"], seed=opts["seed"],
@@ -541,9 +642,8 @@ def _write_meta(out: Path, subjects: dict, skipped: dict, hw, opts: dict, phash:
         "axes": "arrays are (Z, H, W) = (z, x, y) of the canonical RAS+ grid; stack[k, bh+i, bw+j] = "
         "volume[x0+i, y0+j, z0+k] with ((bh, _), (bw, _)) = pad",
         "dtypes": {"t3": "float16", "t7": "float16", "mask": "uint8"},
-        "normalization": {
-            "method": "clipped_minmax", "lower_pct": opts["lower_pct"], "upper_pct": opts["upper_pct"]
-        },
+        "normalization": _normalization(opts["lower_pct"], opts["upper_pct"]),
+        "preprocessing": preprocessing if preprocessing is not None else {},
         "context": ctx.describe(),
         "splits": splits,
         "subjects": subjects,

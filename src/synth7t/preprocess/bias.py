@@ -70,6 +70,17 @@ def n4_preset(name: str | N4Params) -> N4Params:
     return N4_PRESETS[name]
 
 
+def preset_name(params: N4Params | dict | None) -> str | None:
+    """The name of the preset equal to ``params`` (an :class:`N4Params` or its JSON dict), or None."""
+    if params is None:
+        return None
+    try:
+        p = params if isinstance(params, N4Params) else N4Params(**params)
+    except (TypeError, ValueError):
+        return None
+    return next((name for name, preset in N4_PRESETS.items() if preset == p), None)
+
+
 def _to_sitk(data: np.ndarray, zooms: np.ndarray):
     """numpy (X, Y, Z) -> SimpleITK image with the given spacing (SimpleITK indexes (z, y, x))."""
     import SimpleITK as sitk

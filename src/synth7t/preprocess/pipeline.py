@@ -135,6 +135,32 @@ class PreprocessResult:
     rejected: list[str] = field(default_factory=list)
     pseudonyms: dict[str, str] = field(default_factory=dict)
     work: Path | None = None
+    cuts: dict[str, dict] = field(default_factory=dict)  # subject -> {"slices", "mm", "by"} when QC cut slices
+
+    def summary(self) -> str:
+        """The run's totals, the inferior slices cut per subject (drop-out or manifest) and the failures."""
+        lines = [f"preprocessed {len(self.done)}, skipped {len(self.skipped)} (already done), "
+                 f"rejected by QC {len(self.rejected)}, failed {len(self.failed)}"]
+        kept = [sid for sid in (*self.done, *self.skipped) if sid in self.cuts]
+        lines.append(f"inferior slices cut: {len(kept)} of {len(self.done) + len(self.skipped)} subject(s)"
+                     + (":" if kept else ""))
+        lines += [f"  {sid}: {describe_cut(self.cuts[sid])}" for sid in sorted(kept)]
+        lines += [f"  failed: {sid}: {reason}" for sid, reason in self.failed.items()]
+        return "\n".join(lines)
+
+
+def describe_cut(cut: dict | None) -> str:
+    """``"12 slices (7.8 mm) for drop-out"``, or ``"no slice cut"``."""
+    if not cut or not cut.get("slices"):
+        return "no slice cut"
+    return f"{cut['slices']} slice(s) ({cut['mm']:.1f} mm) {'for drop-out' if cut['by'] == 'qc' else 'by the manifest'}"
+
+
+def cut_record(min_slice: int, mask: np.ndarray, slice_mm: float, override: bool) -> dict:
+    """The brain slices below ``min_slice`` (the cut QC or the manifest made), in slices and mm."""
+    zs = np.nonzero(np.asarray(mask).any(axis=(0, 1)))[0]
+    n = int(max(0, min_slice - zs[0])) if zs.size and min_slice > 0 else 0
+    return {"slices": n, "mm": round(n * float(slice_mm), 2), "by": "manifest" if override else "qc"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,6 +266,7 @@ def _write_subject(out: dict, s: Subject, pseudo: str, cfg: PreprocessConfig, tm
                        ncc_threshold=cfg.ncc_threshold, min_slice_override=s.min_slice, exclude=s.exclude,
                        reasons=out["corr"].reasons, coverage=out.get("coverage"))
     record["details"] = out["details"]
+    record["cut"] = cut_record(record["min_slice"], out["mask"].data, out["mask"].zooms[2], s.min_slice is not None)
     write_json(tmp / "qc.json", record)
     images = {k.upper(): out[k].data for k in ("t3", "t7") if k in out}
     status = "REJECTED" if record["rejected"] else "flagged" if record["flagged"] else "ok"
@@ -278,18 +305,20 @@ def is_done(folder: Path, params_hash: str) -> bool:
 
 
 def process_subject(s: Subject, pseudo: str, work: Path, cfg: PreprocessConfig,
-                    threads: int | None = None) -> tuple[str, str]:
-    """Preprocess one subject into ``work/<pseudo>``; returns ``(status, reason)`` with status one of
-    ``done``, ``skipped``, ``rejected``, ``failed``. Never raises for a bad subject."""
+                    threads: int | None = None) -> tuple[str, str, dict | None]:
+    """Preprocess one subject into ``work/<pseudo>``; returns ``(status, reason, cut)`` with status one of
+    ``done``, ``skipped``, ``rejected``, ``failed`` and ``cut`` qc.json's record of the slices cut (None when
+    there is no qc.json). Never raises for a bad subject."""
     final = Path(work) / pseudo
     tmp = Path(work) / f".{pseudo}.partial"
     h = cfg.params_hash()
     try:
         if s.exclude:
-            return "rejected", "excluded in the manifest"
+            return "rejected", "excluded in the manifest", None
         if is_done(final, h):
             record = read_json(final / "qc.json")
-            return "skipped", "; ".join(record.get("reasons", [])) if record.get("rejected") else ""
+            return "skipped", "; ".join(record.get("reasons", [])) if record.get("rejected") else "", \
+                record.get("cut")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -298,8 +327,8 @@ def process_subject(s: Subject, pseudo: str, work: Path, cfg: PreprocessConfig,
         write_json(tmp / ".done", {"params_hash": h})
         _install(tmp, final)
         if record["rejected"]:
-            return "rejected", "; ".join(record["reasons"])
-        return "done", "; ".join(record["reasons"])
+            return "rejected", "; ".join(record["reasons"]), record["cut"]
+        return "done", "; ".join(record["reasons"]), record["cut"]
     except Exception as exc:  # one bad subject must not stop a cohort
         if not isinstance(exc, Synth7tError):
             log.debug("subject %s failed", pseudo, exc_info=True)
@@ -307,7 +336,7 @@ def process_subject(s: Subject, pseudo: str, work: Path, cfg: PreprocessConfig,
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not isinstance(exc, Synth7tError):
             msg = f"{type(exc).__name__}: {msg}"
-        return "failed", _scrub(msg, s, pseudo)
+        return "failed", _scrub(msg, s, pseudo), None
 
 
 def _worker_init(threads: int) -> None:
@@ -320,11 +349,12 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker(s: Subject, pseudo: str, work: Path, cfg_json: str, threads: int) -> tuple[str, str, float]:
+def _worker(s: Subject, pseudo: str, work: Path, cfg_json: str,
+            threads: int) -> tuple[str, str, dict | None, float]:
     t0 = time.perf_counter()
     cfg = PreprocessConfig.model_validate_json(cfg_json)
-    status, reason = process_subject(s, pseudo, work, cfg, threads)
-    return status, reason, time.perf_counter() - t0
+    status, reason, cut = process_subject(s, pseudo, work, cfg, threads)
+    return status, reason, cut, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,7 +438,7 @@ def preprocess(manifest_or_subjects: str | os.PathLike | list[Subject], out: str
              work, cfg.jobs, threads, h)
     entries: dict[str, dict] = {}
 
-    def record(s: Subject, status: str, reason: str, seconds: float) -> None:
+    def record(s: Subject, status: str, reason: str, cut: dict | None, seconds: float) -> None:
         pseudo = names[s.subject]
         {"done": result.done, "skipped": result.skipped, "rejected": result.rejected}.get(
             status, []).append(s.subject)
@@ -420,7 +450,11 @@ def preprocess(manifest_or_subjects: str | os.PathLike | list[Subject], out: str
             entries[pseudo] = prev or {"status": "done", "reason": reason}
         else:
             entries[pseudo] = {"status": "done" if status == "done" else status, "reason": reason}
-        log.info("%s -> %s: %s%s (%.1f s)", s.subject, pseudo, status, f" ({reason})" if reason else "", seconds)
+        if cut and cut.get("slices") and status in ("done", "skipped"):
+            result.cuts[s.subject] = cut
+        cut_text = f"; {describe_cut(cut)}" if cut is not None and status != "failed" else ""
+        log.info("%s -> %s: %s%s%s (%.1f s)", s.subject, pseudo, status, f" ({reason})" if reason else "",
+                 cut_text, seconds)
         update_cohort(work, {pseudo: entries[pseudo]}, h)
 
     prog, task = _progress(cfg.progress, len(subjects))
@@ -429,8 +463,8 @@ def preprocess(manifest_or_subjects: str | os.PathLike | list[Subject], out: str
             set_threads(threads)
             for s in subjects:
                 t0 = time.perf_counter()
-                status, reason = process_subject(s, names[s.subject], work, cfg, threads)
-                record(s, status, reason, time.perf_counter() - t0)
+                status, reason, cut = process_subject(s, names[s.subject], work, cfg, threads)
+                record(s, status, reason, cut, time.perf_counter() - t0)
                 prog.advance(task)
         else:
             _run_pool(subjects, names, work, cfg, threads, record, lambda: prog.advance(task))
@@ -450,10 +484,10 @@ def _run_pool(subjects, names, work, cfg, threads, record, advance) -> None:
         for fut in as_completed(futures):
             s = futures[fut]
             try:
-                status, reason, dt = fut.result()
+                status, reason, cut, dt = fut.result()
             except BrokenProcessPool:
-                status, reason, dt = "failed", "worker process died (out of memory or killed)", 0.0
+                status, reason, cut, dt = "failed", "worker process died (out of memory or killed)", None, 0.0
             except Exception as exc:  # pickling or other pool-level errors
-                status, reason, dt = "failed", f"{type(exc).__name__}: {exc}", 0.0
-            record(s, status, reason, dt)
+                status, reason, cut, dt = "failed", f"{type(exc).__name__}: {exc}", None, 0.0
+            record(s, status, reason, cut, dt)
             advance()
