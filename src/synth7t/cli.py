@@ -96,8 +96,8 @@ def demo(
     cohort_only: Annotated[bool, typer.Option("--cohort-only", help="Only build the simulated cohort.")] = False,
     benchmark: Annotated[bool, typer.Option("--benchmark", help="Proxy quality benchmark: 18 subjects, longer "
                                             "training, the GAN variant, and the transfer set (unseen real brains "
-                                            "and 3T physics, where shared/data/highres or $SYNTH7T_HIGHRES exists); writes "
-                                            "OUT/quality.json.")] = False,
+                                            "and 3T physics, where shared/data/highres or $SYNTH7T_HIGHRES "
+                                            "exists); writes OUT/quality.json.")] = False,
 ) -> None:
     """Run the whole chain on simulated 3T/7T pairs built from anatomy shipped in a dependency.
 
