@@ -39,13 +39,30 @@ def blob_volume():
     return Volume(data, aff)
 
 
-def _dataset_fixtures():
-    """The synthetic work-folder builders of tests/dataset/conftest.py (one source for both suites)."""
-    path = Path(__file__).resolve().parent / "dataset" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("synth7t_dataset_fixtures", path)
+def _tests_module(relpath: str, name: str):
+    """A helper module of tests/ loaded by path (tests run with --import-mode=importlib: tests/ is not on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / relpath)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _dataset_fixtures():
+    """The synthetic work-folder builders of tests/dataset/conftest.py (one source for both suites)."""
+    return _tests_module("dataset/conftest.py", "synth7t_dataset_fixtures")
+
+
+@pytest.fixture(scope="session")
+def browser_helper():
+    """tests/browser.py: ``chromium()``, ``artifact_dir()``."""
+    return _tests_module("browser.py", "synth7t_test_browser")
+
+
+@pytest.fixture(scope="session")
+def chromium(browser_helper):
+    """One headless Chromium for the session (tests/browser.py); skips where absent, fails under CI=true."""
+    with browser_helper.chromium() as browser:
+        yield browser
 
 
 @pytest.fixture(scope="session")

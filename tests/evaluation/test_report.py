@@ -1,4 +1,4 @@
-"""Per-subject evaluation, statistics and the offline HTML report."""
+"""Per-subject evaluation (evaluate.py), statistics (stats.py), figures and the offline HTML report."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from synth7t.evaluation import report as R
+from synth7t.evaluation.baselines import METHODS
+from synth7t.evaluation.evaluate import evaluate_subject
+from synth7t.evaluation.figures import montage_views
 from synth7t.evaluation.metrics import METRIC_KEYS, clipped_minmax
+from synth7t.evaluation.report import write_report
+from synth7t.evaluation.stats import describe, paired_comparison, summarize
 from synth7t.intensity import quantiles
 from synth7t.io import Volume, save_volume
 
@@ -46,7 +50,7 @@ def cohort(tmp_path_factory):
         subject = f"sub-{i:02d}"
         images[subject] = paths
         seg = "atropos" if i == 0 else None
-        records += R.evaluate_subject(
+        records += evaluate_subject(
             subject, **{k: paths[k] for k in ("t3", "pred", "t7", "mask")}, group=("healthy", "ill")[i % 2],
             segmentation=seg, zooms_lowres=(1.6, 1.6, 1.6), min_slice=4,
             population_quantiles=population if i < 2 else None,
@@ -58,7 +62,7 @@ def test_evaluate_subject_records(cohort):
     records, _ = cohort
     assert len(records) == 6 + 6 + 5  # without population quantiles there is no histmatch_population record
     first = [r for r in records if r["subject"] == "sub-00"]
-    assert [r["method"] for r in first] == list(R.METHODS)
+    assert [r["method"] for r in first] == list(METHODS)
     assert "histmatch_population" not in {r["method"] for r in records if r["subject"] == "sub-02"}
     for r in first:
         assert set(METRIC_KEYS) <= set(r)
@@ -81,14 +85,14 @@ def test_evaluate_subject_records(cohort):
 
 
 def test_describe_and_summary():
-    d = R.describe([1.0, 2.0, 3.0, float("nan"), None])
+    d = describe([1.0, 2.0, 3.0, float("nan"), None])
     assert d["n"] == 3 and d["mean"] == 2 and d["sd"] == pytest.approx(1.0) and d["median"] == 2
-    assert math.isnan(R.describe([5.0])["sd"])
+    assert math.isnan(describe([5.0])["sd"])
     recs = [
         {"subject": "a", "method": "model", "group": "ill", "psnr": 20.0},
         {"subject": "b", "method": "model", "group": "healthy", "psnr": 22.0},
     ]
-    rows = R.summarize(recs)
+    rows = summarize(recs)
     groups = {(r["group"], r["metric"]): r for r in rows}
     assert groups[("all", "psnr")]["mean"] == 21 and groups[("ill", "psnr")]["n"] == 1
 
@@ -100,21 +104,21 @@ def test_paired_comparison_wilcoxon():
         base = 20 + rng.normal()
         recs.append({"subject": f"s{i}", "method": "t3_input", "psnr": base})
         recs.append({"subject": f"s{i}", "method": "model", "psnr": base + 1 + 0.1 * i})
-    rows = R.paired_comparison(recs)
+    rows = paired_comparison(recs)
     (row,) = rows
     assert row["n"] == 8 and row["mean_diff"] == pytest.approx(1.35)
     from scipy.stats import wilcoxon
 
     assert row["p_wilcoxon"] == pytest.approx(wilcoxon(1 + 0.1 * np.arange(8)).pvalue)
     assert row["p_wilcoxon"] < 0.01 and row["note"] == ""
-    few = R.paired_comparison(recs[:6])
+    few = paired_comparison(recs[:6])
     assert math.isnan(few[0]["p_wilcoxon"]) and "uninformative" in few[0]["note"]
 
 
 def test_montage_zoom_boxes_inside_brain_bbox():
     mask = np.zeros((50, 60, 40), bool)
     mask[10:40, 5:55, 4:36] = True
-    views = R.montage_views(mask)
+    views = montage_views(mask)
     assert [v[0].split()[0] for v in views] == ["axial", "coronal", "sagittal", "hippocampus", "cerebellum"]
     _, axis, index, (rows, cols) = views[3]
     assert axis == 1 and index == round(5 + 0.45 * 49)
@@ -126,7 +130,7 @@ def test_montage_zoom_boxes_inside_brain_bbox():
 def test_write_report(cohort, tmp_path):
     records, images = cohort
     out = tmp_path / "report"
-    index = R.write_report(
+    index = write_report(
         out, records, images, title="unit test report", extra_info={"simulated": True, "model": "tiny"}, viewer=False
     )
     assert index == out / "index.html" and index.exists()
@@ -153,7 +157,7 @@ def test_write_report(cohort, tmp_path):
 
 def test_write_report_without_images_or_banner(cohort, tmp_path):
     records, _ = cohort
-    page = R.write_report(tmp_path / "r2", records, None, viewer=False).read_text()
-    assert "Simulated demo data" not in page and "<table>" in page
+    page = write_report(tmp_path / "r2", records, None, viewer=False).read_text()
+    assert "Simulated demo data" not in page and "<table" in page
     with pytest.raises(ValueError, match="no records"):
-        R.write_report(tmp_path / "r3", [])
+        write_report(tmp_path / "r3", [])

@@ -4,8 +4,12 @@
   (full image, brain, brain without corrupted slices), the thesis' 1-D brain SSIM, HFEN and brain MAE.
 * :mod:`~synth7t.evaluation.baselines`: the 3T input and trilinear / cubic B-spline upsampling of a 1 mm 3T.
 * :mod:`~synth7t.evaluation.segmentation`: SynthSeg (when FreeSurfer is on PATH) or Atropos, and DICE.
-* :mod:`~synth7t.evaluation.report`: ``evaluate_subject`` -> records; ``write_report`` -> ``index.html``
-  (tables, boxplots, histograms, montages) and a NiiVue ``viewer.html``.
+* :mod:`~synth7t.evaluation.evaluate`: ``evaluate_subject`` -> records (one per method) of one subject;
+  ``evaluate`` scores a split of a slice store (``synth7t evaluate``); ``quality_table`` -> ``quality.json``.
+* :mod:`~synth7t.evaluation.stats`: summaries and the paired Wilcoxon comparison of the records.
+* :mod:`~synth7t.evaluation.figures`: boxplots, histograms and montages (matplotlib, base64 PNG).
+* :mod:`~synth7t.evaluation.report`: ``write_report`` -> ``index.html`` (Jinja2 templates in ``templates/``)
+  and the CSV files; :mod:`~synth7t.evaluation.viewer`: the NiiVue ``viewer.html``.
 
 Submodules are imported on use so that ``import synth7t.evaluation`` stays cheap.
 """
@@ -24,9 +28,9 @@ _EXPORTS = {
     "segment": "segmentation",
     "dice_per_label": "segmentation",
     "mean_dice": "segmentation",
-    "evaluate_subject": "report",
+    "evaluate_subject": "evaluate",
     "write_report": "report",
-    "write_viewer": "report",
+    "write_viewer": "viewer",
 }
 
 __all__ = sorted(_EXPORTS)

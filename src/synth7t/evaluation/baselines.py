@@ -54,6 +54,21 @@ log = logging.getLogger(__name__)
 INTERPOLATIONS = {"trilinear": 1, "bspline": 3}
 """Baseline name -> spline order used by :mod:`scipy.ndimage`."""
 
+MODEL = "model"
+ORACLES = ("histmatch_oracle",)  # upper bounds that use the subject's own 7T: never "the best baseline"
+BASELINES = ("t3_input", "trilinear", "bspline", "histmatch_population", *ORACLES)
+REALIZABLE = tuple(b for b in BASELINES if b not in ORACLES)
+METHODS = (*BASELINES, MODEL)
+"""Every method a subject is scored with, in the order of the report's rows (the model last)."""
+METHOD_LABELS = {
+    "t3_input": "3T input",
+    "trilinear": "trilinear (1 mm 3T)",
+    "bspline": "cubic B-spline (1 mm 3T)",
+    "histmatch_population": "B-spline + histogram matched to the training 7T",
+    "histmatch_oracle": "B-spline + histogram matched to its own 7T (oracle)",
+    "model": "synth7t model",
+}
+
 
 def _check_zooms(zooms: Sequence[float], name: str) -> np.ndarray:
     z = np.asarray(zooms, dtype=np.float64).ravel()

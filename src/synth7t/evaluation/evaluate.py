@@ -1,28 +1,162 @@
-"""``synth7t evaluate``: predict the held-out subjects of a slice store and score model and baselines.
+"""Scoring synthetic 7T images against the real 7T: one subject, a whole split (``synth7t evaluate``), and
+the benchmark's quality table.
 
-For every subject of the chosen split, the model predicts the whole stack of its packed (preprocessed,
-normalized) 3T slices; prediction, 3T, real 7T and mask are put back on the subject's preprocessed 7T grid
-(:func:`synth7t.dataset.pack.uncrop`) and scored with :func:`synth7t.evaluation.report.evaluate_subject`
-against the baselines (3T input, trilinear and B-spline from 1 mm). Extra models (e.g. the GAN variant) are
-scored on the same subjects without segmentation. Volumes are written to ``OUT/volumes/`` for the report's
-montages and viewer, then ``OUT/index.html`` is written. One subject is in memory at a time.
+* :func:`evaluate_subject` scores the model and the baselines of one subject -> records (one ``dict`` per
+  method: ``subject``, ``method``, every key of :data:`~synth7t.evaluation.metrics.METRIC_KEYS`, ``dice_mean``
+  and ``dice_<label>`` when segmentation was run, ``segmentation_method``, ``group``).
+* :func:`evaluate` (``synth7t evaluate``): for every subject of the chosen split, the model predicts the whole
+  stack of its packed (preprocessed, normalized) 3T slices; prediction, 3T, real 7T and mask are put back on
+  the subject's preprocessed 7T grid (:func:`synth7t.dataset.pack.uncrop`) and scored with
+  :func:`evaluate_subject` against the baselines (:mod:`~synth7t.evaluation.baselines`). Extra models (e.g.
+  the GAN variant) are scored on the same subjects without segmentation. Volumes are written to
+  ``OUT/volumes/`` for the report's montages and viewer, then :func:`~synth7t.evaluation.report.write_report`
+  writes ``OUT/index.html``. One subject is in memory at a time.
+* :func:`quality_table`: mean brain PSNR / SSIM / HFEN / DICE per method from ``metrics.csv``
+  (``quality.json``).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from synth7t.errors import InputError
-from synth7t.io import Volume, save_volume, write_json
+from synth7t.evaluation.baselines import BASELINES, MODEL, ORACLES, REALIZABLE
+from synth7t.evaluation.metrics import clipped_minmax, compute_metrics_many
+from synth7t.io import Volume, load_volume, save_volume, write_json
 
 log = logging.getLogger(__name__)
 
 QUALITY_KEYS = {"brain_psnr": "psnr_brain", "brain_ssim": "ssim_brain", "hfen": "hfen", "dice": "dice_mean"}
 """Key in ``quality.json`` (the spelling of the benchmark issue) -> column of ``metrics.csv``."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one subject: loading and scoring
+
+
+def as_array(item: Any, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """A path, :class:`Volume` or array -> ``(data, zooms)`` (zooms 1 mm for a bare array)."""
+    if isinstance(item, (str, os.PathLike)):
+        item = load_volume(item, check_finite=False)
+    if isinstance(item, Volume):
+        return np.asarray(item.data, dtype=dtype), np.asarray(item.zooms, dtype=np.float64)
+    arr = np.asarray(item, dtype=dtype)
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3-D image, got shape {arr.shape}")
+    return arr, np.ones(3)
+
+
+def zooms_of(item: Any) -> np.ndarray:
+    """Voxel size of a path (read from the header only), :class:`Volume` or array (1 mm)."""
+    if isinstance(item, (str, os.PathLike)):
+        import nibabel as nib
+
+        return np.asarray(nib.load(str(item)).header.get_zooms()[:3], dtype=np.float64)
+    if isinstance(item, Volume):
+        return np.asarray(item.zooms, dtype=np.float64)
+    return np.ones(3)
+
+
+def load_subject(paths: Mapping[str, Any], lower_pct: float, upper_pct: float):
+    """Load one subject's images -> (t3n, pred, t7n, mask, zooms), each (X, Y, Z) float32 in [0, 1] units."""
+    missing = [k for k in ("t3", "pred", "t7", "mask") if k not in paths]
+    if missing:
+        raise ValueError(f"images entry lacks {missing}")
+    mask, _ = as_array(paths["mask"])
+    mask = mask > 0
+    zooms = zooms_of(paths["t7"])
+    t3, _ = as_array(paths["t3"])
+    t3n = clipped_minmax(t3, mask, lower_pct, upper_pct)
+    t3n[~mask] = 0
+    del t3
+    t7, _ = as_array(paths["t7"])
+    t7n = clipped_minmax(t7, mask, lower_pct, upper_pct)
+    t7n[~mask] = 0
+    del t7
+    pred, _ = as_array(paths["pred"])
+    return t3n, pred, t7n, mask, zooms
+
+
+def evaluate_subject(
+    subject: str,
+    t3: Any,
+    pred: Any,
+    t7: Any,
+    mask: Any,
+    *,
+    min_slice: int = 0,
+    group: str | None = None,
+    segmentation: str | None = "auto",
+    zooms_lowres: Sequence[float] = (1.0, 1.0, 1.0),
+    normalize_pred: bool = False,
+    lower_pct: float = 1,
+    upper_pct: float = 99,
+    population_quantiles: np.ndarray | None = None,
+) -> list[dict]:
+    """Score the model and the baselines of one subject; returns one record per method (module docstring).
+
+    ``t3`` is the preprocessed 3T on the 7T grid (raw units: it is clipped-min-max normalised with its own
+    brain percentiles, as the model's input is), ``pred`` the synthetic 7T in [0, 1] units
+    (``normalize_pred=True`` normalises it like the 3T), ``t7`` the real 7T and ``mask`` the brain mask, each
+    a path, :class:`~synth7t.io.Volume` or array on the same grid. ``segmentation``: ``"auto"`` (SynthSeg when
+    on PATH, else Atropos), ``"synthseg"``, ``"atropos"`` or None (no DICE). ``population_quantiles`` (the
+    training split's 7T brain quantiles, :func:`~synth7t.evaluation.baselines.population_quantiles`) adds the
+    ``histmatch_population`` baseline; ``histmatch_oracle`` (matched to this subject's 7T) is always scored.
+    """
+    from synth7t.evaluation.baselines import baseline_interpolations, histogram_match, quantiles
+
+    m, zooms = as_array(mask)
+    m = m > 0
+    t3_arr, zooms = as_array(t3)
+    t7_arr, _ = as_array(t7)
+    p_arr, _ = as_array(pred)
+    for name, arr in (("t3", t3_arr), ("t7", t7_arr), ("pred", p_arr)):
+        if arr.shape != m.shape:
+            raise ValueError(f"{subject}: {name} shape {arr.shape} differs from the mask's {m.shape}")
+    t3n = clipped_minmax(t3_arr, m, lower_pct, upper_pct)
+    t3n[~m] = 0
+    if normalize_pred:
+        p_arr = clipped_minmax(p_arr, m, lower_pct, upper_pct)
+    interp = baseline_interpolations(t3n, zooms, zooms_lowres, mask=m)
+    candidates = {"t3_input": t3n, **interp}
+    if population_quantiles is not None:
+        candidates["histmatch_population"] = histogram_match(interp["bspline"], m, population_quantiles)
+    own = quantiles(clipped_minmax(t7_arr, m, lower_pct, upper_pct)[m])
+    candidates["histmatch_oracle"] = histogram_match(interp["bspline"], m, own)
+    candidates[MODEL] = p_arr
+    scores = compute_metrics_many(t7_arr, candidates, m, min_slice=min_slice, lower_pct=lower_pct, upper_pct=upper_pct)
+    records = [{"subject": subject, "method": k, "group": group, **v} for k, v in scores.items()]
+    if segmentation is not None:
+        _add_dice(records, candidates, t7_arr, m, zooms, segmentation)
+    return records
+
+
+def _add_dice(records, candidates, t7_arr, m, zooms, segmentation: str) -> None:
+    from synth7t.evaluation.segmentation import dice_labels, dice_per_label, mean_dice, segment
+
+    affine = np.diag([*zooms, 1.0])
+    method = None if segmentation == "auto" else segmentation
+    ref, seg_method = segment(Volume(t7_arr, affine), m, method=method)
+    labels = dice_labels(seg_method)
+    for rec in records:
+        if rec["method"] in ORACLES:  # an upper bound of intensity mapping, not a method: no segmentation for it
+            continue
+        lab, _ = segment(Volume(candidates[rec["method"]], affine), m, method=seg_method)
+        per = dice_per_label(ref, lab, labels)
+        rec["dice_mean"] = mean_dice(per)
+        rec.update({f"dice_{k}": v for k, v in per.items()})
+        rec["segmentation_method"] = seg_method
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a split of a slice store: `synth7t evaluate`
 
 
 def _open_store(data: Path):
@@ -65,7 +199,7 @@ def evaluate(
     """
     from synth7t.dataset.pack import uncrop
     from synth7t.evaluation.metrics import compute_metrics
-    from synth7t.evaluation.report import evaluate_subject, write_report
+    from synth7t.evaluation.report import write_report
     from synth7t.inference import Predictor
     from synth7t.progress import progress_bar
 
@@ -148,6 +282,10 @@ def _save_subject(folder: Path, subject: str, full: dict, affine: np.ndarray) ->
     return paths
 
 
+# ---------------------------------------------------------------------------------------------------------
+# quality.json: the benchmark's table of means
+
+
 def _means(rows: list[dict], subjects: set[str] | None = None) -> dict[str, dict[str, float | None]]:
     """Mean of each quality key per method over the rows (of ``subjects`` when given); missing -> None."""
     by_method: dict[str, dict[str, list[float]]] = {}
@@ -170,8 +308,6 @@ def _diff(a: dict, b: dict) -> dict[str, float | None]:
 
 
 def _table(means: dict[str, dict], n_subjects: int) -> dict:
-    from synth7t.evaluation.report import BASELINES, ORACLES, REALIZABLE
-
     baselines = {b: means[b] for b in BASELINES if b in means}
     realizable = {b: v for b, v in baselines.items() if b in REALIZABLE}
     best_name = max(realizable, key=lambda b: realizable[b]["brain_psnr"] or -np.inf)

@@ -55,6 +55,21 @@ METRIC_KEYS = (
     "hfen_brain",
     "mae_brain",
 )
+# (key, column title, higher is better) in the layout of thesis table 1, then the extra metrics
+TABLE_COLUMNS = (
+    ("psnr", "PSNR", True),
+    ("ssim", "SSIM", True),
+    ("psnr_brain", "brain PSNR", True),
+    ("ssim_brain", "brain SSIM", True),
+    ("psnr_brain_valid", "brain PSNR no corrupt.", True),
+    ("ssim_brain_valid", "brain SSIM no corrupt.", True),
+    ("dice_mean", "Mean DICE", True),
+    ("ssim_thesis_1d_full", "SSIM (thesis 1-D)", True),
+    ("ssim_thesis_1d", "brain SSIM (thesis 1-D)", True),
+    ("hfen", "HFEN", False),
+    ("hfen_brain", "brain HFEN", False),
+    ("mae_brain", "brain MAE", False),
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
