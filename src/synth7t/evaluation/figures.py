@@ -33,6 +33,8 @@ HIPPOCAMPUS_BOX = {"slice_y": 0.45, "x": (0.15, 0.47), "z": (0.22, 0.52)}
 CEREBELLUM_BOX = {"slice_x": 0.38, "y": (0.0, 0.38), "z": (0.0, 0.40)}
 MAX_MONTAGES = 12
 MAX_HISTOGRAMS = 12
+SHORT_LABELS = {"histmatch_population": "hist. matched", "histmatch_oracle": "oracle", "model": "model"}
+"""Tick labels of the boxplots where the method's label is too long (others: its label up to " (")."""
 
 
 def _png(fig) -> str:
@@ -53,6 +55,10 @@ def _figure(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
+def _short_label(method: str) -> str:
+    return SHORT_LABELS.get(method) or METHOD_LABELS.get(method, method).split(" (")[0]
+
+
 def boxplots(records: Sequence[Mapping]) -> str:
     """One boxplot per metric (thesis figures 33-35), methods side by side; base64 PNG."""
     keys = [(k, t, hib) for k, t, hib in TABLE_COLUMNS if any(r.get(k) is not None for r in records)]
@@ -63,7 +69,7 @@ def boxplots(records: Sequence[Mapping]) -> str:
     for ax, (key, title, hib) in zip(axes.ravel(), keys, strict=False):
         data = [finite(r.get(key) for r in records if r["method"] == m) for m in methods]
         ax.boxplot(data, showmeans=True)
-        ax.set_xticks(range(1, len(methods) + 1), [METHOD_LABELS.get(m, m).split(" (")[0] for m in methods])
+        ax.set_xticks(range(1, len(methods) + 1), [_short_label(m) for m in methods])
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.set_title(f"{title} {'↑' if hib else '↓'}", fontsize=10)
     for ax in axes.ravel()[len(keys) :]:
@@ -85,7 +91,7 @@ def dice_label_boxplot(records: Sequence[Mapping]) -> str | None:
         return None
     fig, ax = _figure(figsize=(6, 3.5), dpi=80)
     ax.boxplot(data, showmeans=True)
-    ax.set_xticks(range(1, len(methods) + 1), [METHOD_LABELS.get(m, m).split(" (")[0] for m in methods])
+    ax.set_xticks(range(1, len(methods) + 1), [_short_label(m) for m in methods])
     ax.set_ylabel("DICE per label vs real 7T")
     fig.tight_layout()
     return _png(fig)

@@ -128,7 +128,7 @@ def _heading(column: tuple[str, str, bool]) -> str:
 def results_table(records: Sequence[Mapping], group: str | None = None) -> dict:
     """Thesis table 1 layout: rows = baselines then the model, cells = mean ± sd, best per column marked.
 
-    Returns ``{"columns": [title], "rows": [{"label", "cells": [{"text", "best"}]}]}``; only the metrics with
+    Returns ``{"columns": [title], "rows": [{"label", "n", "cells": [{"mean", "sd", "best"}]}]}``; only metrics with
     a value in ``records`` (of ``group`` when given) are columns.
     """
     sel = [r for r in records if group is None or r.get("group") == group]
@@ -143,18 +143,19 @@ def results_table(records: Sequence[Mapping], group: str | None = None) -> dict:
     rows = []
     for m in methods:
         n = len({r["subject"] for r in sel if r["method"] == m})
-        cells = [{"text": _mean_sd(stats[(m, k)], k), "best": best.get(k) == m} for k, _, _ in cols]
-        rows.append({"label": f"{METHOD_LABELS.get(m, m)} (n={n})", "cells": cells})
+        cells = [_mean_sd(stats[(m, k)], k, best.get(k) == m) for k, _, _ in cols]
+        rows.append({"label": METHOD_LABELS.get(m, m), "n": n, "cells": cells})
     return {"columns": [_heading(c) for c in cols], "rows": rows}
 
 
-def _mean_sd(stat: Mapping[str, float], key: str) -> str:
+def _mean_sd(stat: Mapping[str, float], key: str, is_best: bool) -> dict:
+    """A results cell: ``{"mean", "sd", "best"}`` as text ("–" for no value, "" for no sd)."""
     mean, sd, digits = stat["mean"], stat["sd"], _digits(key)
-    if math.isnan(mean):
-        return "–"
-    if math.isnan(sd):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    return {
+        "mean": "–" if math.isnan(mean) else f"{mean:.{digits}f}",
+        "sd": "" if math.isnan(mean) or math.isnan(sd) else f"{sd:.{digits}f}",
+        "best": is_best,
+    }
 
 
 def comparison_table(rows: Sequence[Mapping]) -> dict:
@@ -188,7 +189,7 @@ def comparison_table(rows: Sequence[Mapping]) -> dict:
                 p_text = f"{p_text} (n={r['n']})".strip()
             tone = "" if d == 0 else ("better" if (d > 0) == hib else "worse")
             out.append({"diff": f"{d:+.{_digits(key)}f}", "p": p_text, "tone": tone})
-        table_rows.append({"label": f"{METHOD_LABELS.get(base, base)} (n={n})", "cells": out})
+        table_rows.append({"label": METHOD_LABELS.get(base, base), "n": n, "cells": out})
     return {"columns": [_heading(c) for c in columns], "rows": table_rows, "notes": list(dict.fromkeys(notes))}
 
 
