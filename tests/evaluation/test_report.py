@@ -15,7 +15,7 @@ from synth7t.evaluation.baselines import METHODS
 from synth7t.evaluation.evaluate import evaluate_subject
 from synth7t.evaluation.figures import montage_views
 from synth7t.evaluation.metrics import METRIC_KEYS, clipped_minmax
-from synth7t.evaluation.report import write_report
+from synth7t.evaluation.report import comparison_table, write_report
 from synth7t.evaluation.stats import describe, paired_comparison, summarize
 from synth7t.intensity import quantiles
 from synth7t.io import Volume, save_volume
@@ -113,6 +113,27 @@ def test_paired_comparison_wilcoxon():
     assert row["p_wilcoxon"] < 0.01 and row["note"] == ""
     few = paired_comparison(recs[:6])
     assert math.isnan(few[0]["p_wilcoxon"]) and "uninformative" in few[0]["note"]
+
+
+def test_comparison_table_is_compact():
+    """One row per baseline with data, one column per metric with data; no NaN is shown."""
+    recs = []
+    for i in range(8):
+        recs.append({"subject": f"s{i}", "method": "model", "psnr": 25.0 + i, "hfen": 0.3, "dice_mean": 0.8})
+        recs.append({"subject": f"s{i}", "method": "t3_input", "psnr": 20.0 + 0.5 * i, "hfen": 0.5, "dice_mean": 0.7})
+        recs.append({"subject": f"s{i}", "method": "histmatch_oracle", "psnr": 26.0 + i, "hfen": 0.2})
+        recs.append({"subject": f"s{i}", "method": "trilinear", "ssim": 0.9})  # nothing paired with the model
+    table = comparison_table(paired_comparison(recs))
+    assert table["columns"] == ["PSNR ↑", "Mean DICE ↑", "HFEN ↓"]
+    assert [r["label"] for r in table["rows"]] == ["3T input", "B-spline + histogram matched to its own 7T (oracle)"]
+    t3, oracle = table["rows"]
+    assert t3["n"] == 8 and [c["diff"] for c in t3["cells"]] == ["+6.75", "+0.100", "-0.200"]
+    assert [c["tone"] for c in t3["cells"]] == ["better", "better", "better"]
+    assert t3["cells"][0]["p"].startswith("p = ") and table["notes"] == []
+    assert oracle["cells"][1] == {"diff": "–", "p": "", "tone": ""} and oracle["cells"][0]["tone"] == "worse"
+    assert "nan" not in repr(table).lower()
+    few = comparison_table(paired_comparison(recs[:12]))  # 3 subjects: no p-value, said once
+    assert all(c["p"] == "" for r in few["rows"] for c in r["cells"]) and len(few["notes"]) == 1
 
 
 def test_montage_zoom_boxes_inside_brain_bbox():
