@@ -83,7 +83,7 @@ def _provenance(path: Path, rec: dict, failed: list[str]) -> None:
 
 
 def _q(values: np.ndarray, q) -> list[float]:
-    return [float(v) for v in np.percentile(values, q)]
+    return [float(v) for v in np.atleast_1d(np.percentile(values, q))]
 
 
 def _measure(out: Output, rec: dict, failed: list[str], suspicious: list[str]) -> tuple | None:
@@ -196,14 +196,16 @@ def summarise(out: Output, root: str | Path) -> tuple[dict, bool]:
 
 def robust_z(values: list[float | None]) -> list[float | None]:
     """Modified z-scores 0.6745 (x - median) / MAD (Iglewicz and Hoaglin) of the finite values; None elsewhere
-    and when fewer than 3 values are finite. With MAD = 0 the mean absolute deviation (x 1.2533) stands in; if
-    that is 0 too, every score is 0."""
+    and when fewer than 3 values are finite. With MAD = 0 the mean absolute deviation (x 1.2533) stands in. The
+    scale is at least 0.1 % of |median|, so that float rounding in a near-constant metric is no outlier; with a
+    scale of 0 every score is 0."""
     finite = np.array([v for v in values if v is not None and math.isfinite(v)], np.float64)
     if finite.size < 3:
         return [None] * len(values)
     med = float(np.median(finite))
     mad = float(np.median(np.abs(finite - med)))
     scale = mad / 0.6745 if mad > 0 else 1.2533 * float(np.mean(np.abs(finite - med)))
+    scale = max(scale, 1e-3 * abs(med))
     return [None if v is None or not math.isfinite(v) else (0.0 if scale == 0 else (v - med) / scale)
             for v in values]
 
