@@ -218,7 +218,7 @@ def add_outlier_scores(records: list[dict]) -> None:
         for rec in records:
             rec[f"z_{key}"] = None
         for rec, z in zip(usable, robust_z([r.get(key) for r in usable]), strict=True):
-            rec[f"z_{key}"] = None if z is None else round(z, 2)
+            rec[f"z_{key}"] = None if z is None else round(z, 2) + 0.0  # + 0.0: no -0.0
             if z is not None and abs(z) > Z_LIMIT:
                 rec.setdefault("outliers", []).append(f"outlier {label} (z {z:+.1f})")
     for rec in records:

@@ -25,9 +25,11 @@
       if (a.key > b.key) { return dir; }
       return 0;
     });
-    var frag = document.createDocumentFragment();
-    keyed.forEach(function (k) { frag.appendChild(k.row); });
-    body.appendChild(frag);
+    var next = body.cloneNode(false);  // fill a detached body, then swap: one layout, not one per row
+    table.removeChild(body);
+    keyed.forEach(function (k) { next.appendChild(k.row); });
+    table.appendChild(next);
+    body = next;
     table.querySelectorAll("th[aria-sort]").forEach(function (h) { h.setAttribute("aria-sort", "none"); });
     th.setAttribute("aria-sort", dir === 1 ? "ascending" : "descending");
   }
