@@ -282,6 +282,7 @@ def predict(
     voxel_size: Annotated[float | None, typer.Option(help="Voxel size (mm) of the grid the model runs on (default: "
                                                      "its training grid).")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on a capable GPU, else fp32), 32 or bf16.")] = "auto",
+    qc: Annotated[bool, typer.Option("--qc", help="Then write the cohort QC page OUT/qc.html (`synth7t qc`).")] = False,
 ) -> None:
     """Turn raw 3T T1w scans into synthetic 7T brains, in the input's own world space.
 
@@ -298,8 +299,35 @@ def predict(
                           n4=n4, voxel_size_mm=voxel_size)
     result = predict_fn(model, inputs, out, opts)
     typer.echo(result.summary())
+    if qc:
+        qc_page(out)
     if result.failed:
         raise typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# qc
+
+
+@app.command("qc")
+@user_errors
+def qc_page(
+    out: Annotated[Path, typer.Argument(help="Folder of prediction outputs (`synth7t predict -o OUT`, or a BIDS "
+                                        "derivatives folder).")],
+    page: Annotated[Path | None, typer.Option("--page", "-o", help="The HTML page to write (default OUT/qc.html); "
+                                              "its .csv and .json tables go next to it.")] = None,
+) -> None:
+    """Cohort QC page: a row per prediction output, with thumbnails, brain volume, uncertainty and flags.
+
+    Finds OUT/<name>/syn7t.nii.gz and BIDS derivatives (sub-*/anat or sub-*/ses-*/anat: *_desc-synth7T_T1w), flags
+    failed outputs (provenance missing, unreadable image, NaN, empty mask), suspicious ones (signal outside the
+    mask, robust z > 3.5 across the cohort) and writes a sortable page that works offline, plus .csv/.json tables.
+    Per-output summaries and thumbnails are cached next to each output: a rerun reads only new or changed ones.
+    """
+    from synth7t.cohortqc import build_qc
+
+    result = build_qc(out, page)
+    typer.echo(result.line())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -302,7 +302,7 @@ def predict_volume(predictor: Predictor, vol: Volume, opts: PredictOptions, *, c
     grid = prep["brain"]
     out = {"syn7t": grid.with_data(uncrop(pred.astype(np.float32), prep["geometry"])), "mask": prep["mask"],
            "limits": prep["limits"], "timings": prep["timings"], "reorientation": info, "canonical": canonical,
-           "steps": steps}
+           "steps": steps, "input": prep["brain"]}  # input: the preprocessed input on the output grid
     if unc is not None:
         out["uncertainty"] = grid.with_data(uncrop((unc * (prep["mask_stack"] > 0)).astype(np.float32),
                                                    prep["geometry"]))
@@ -416,6 +416,9 @@ def _predict_job(predictor: Predictor, job: Subject, dest: Path, opts: PredictOp
         written["on_input_grid"] = save_volume(dest / "syn7t_on_input_grid.nii.gz",
                                                on_input_grid(res["syn7t"], res["canonical"], res["reorientation"]),
                                                inputs=inputs)
+    from synth7t.cohortqc.thumbs import save_prediction_thumbnails  # for `synth7t qc`: input vs output
+
+    save_prediction_thumbnails(written["syn7t"], res)
     write_json(dest / "provenance.json", provenance(predictor, job, opts, res, written))
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from synth7t.cli import app
 
-STAGES = ["demo", "preprocess", "pack", "train", "predict", "evaluate", "tune"]
+STAGES = ["demo", "preprocess", "pack", "train", "predict", "qc", "evaluate", "tune"]
 runner = CliRunner()
 
 
