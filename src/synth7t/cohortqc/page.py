@@ -65,12 +65,11 @@ def summary(records: list[dict]) -> dict:
 
 def render_page(records: list[dict], page: str | Path, *, root: str | Path, title: str | None = None) -> str:
     """The page's HTML for ``records`` (paths in them relative to ``root``), for writing to ``page``."""
-    from jinja2 import Environment, PackageLoader
+    from synth7t.templating import render
 
     page, root = Path(page).resolve(), Path(root).resolve()
-    env = Environment(loader=PackageLoader("synth7t.cohortqc", "templates"), autoescape=True,
-                      trim_blocks=True, lstrip_blocks=True)
-    return env.get_template("cohort_qc.html.j2").render(
+    return render(
+        "cohort_qc.html.j2", package="synth7t.cohortqc",
         title=title or f"Cohort QC: {root.name}", rows=[_row(r, root, page.parent) for r in records],
         summary=summary(records), z_limit=Z_LIMIT, version=__version__,
         generated=time.strftime("%Y-%m-%d %H:%M"))

@@ -32,9 +32,9 @@ from synth7t.evaluation.baselines import METHOD_LABELS, MODEL
 from synth7t.evaluation.figures import boxplots, dice_label_boxplot, subject_figures
 from synth7t.evaluation.metrics import TABLE_COLUMNS
 from synth7t.evaluation.stats import MIN_WILCOXON_N, SUMMARY_KEYS, describe, methods_of, paired_comparison, summarize
-from synth7t.evaluation.templating import render
 from synth7t.evaluation.viewer import bundle_available, write_viewer
 from synth7t.io import write_text
+from synth7t.templating import render
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from synth7t.evaluation.evaluate import load_subject
 from synth7t.evaluation.figures import brain_bbox
-from synth7t.evaluation.templating import render
 from synth7t.io import write_text
+from synth7t.templating import render
 
 STATIC = Path(__file__).with_name("static")
 NIIVUE_BUNDLE = STATIC / "niivue.umd.js.gz"
