@@ -141,8 +141,9 @@ def test_input_standardization_is_applied_at_prediction(tmp_path):
     from synth7t.config import load_config
     from synth7t.inference import Predictor
     from synth7t.intensity import quantiles, standardize
+    from synth7t.model_folder import save_model_folder
     from synth7t.nn import UNet
-    from synth7t.training import model_config, save_model_folder
+    from synth7t.training import model_config
 
     cfg = load_config("tiny", {"model.channels": 8, "model.n_groups": 4, "model.head_dim": 8})
     torch.manual_seed(0)
@@ -166,7 +167,7 @@ def _model_with_recipe(tiny_model, dest, **recipe):
     """A copy of the tiny model folder whose config.json ``preprocessing`` is changed by ``recipe``."""
     import shutil
 
-    from synth7t.training import _sha256
+    from synth7t.model_folder import sha256_file
 
     shutil.copytree(tiny_model, dest, ignore=shutil.ignore_patterns("checkpoints", "logs"))
     cfg = json.loads((dest / "config.json").read_text())
@@ -174,7 +175,7 @@ def _model_with_recipe(tiny_model, dest, **recipe):
     (dest / "config.json").write_text(json.dumps(cfg))
     lines = (dest / "checksums.sha256").read_text().splitlines()
     (dest / "checksums.sha256").write_text("".join(
-        f"{_sha256(dest / 'config.json')}  config.json\n" if line.endswith(" config.json") else line + "\n"
+        f"{sha256_file(dest / 'config.json')}  config.json\n" if line.endswith(" config.json") else line + "\n"
         for line in lines))
     return dest
 
