@@ -215,3 +215,35 @@ def test_predict_without_recipe_uses_defaults(tiny_model):
     assert len(warnings) == 1 and "voxel size 1 mm differs" in warnings[0]  # only the grid is known
     steps, _ = resolve_steps(predictor, PredictOptions(preprocessed=True))
     assert steps["skullstrip"]["source"].startswith("skipped")
+
+
+_NO_LIGHTNING = ("assert not [m for m in sys.modules if m == 'lightning' or m.startswith('lightning.') "
+                 "or m.startswith('pytorch_lightning') or m.startswith('synth7t.training')], "
+                 "sorted(m for m in sys.modules if 'lightning' in m or m.startswith('synth7t.training'))[:5]")
+
+
+def test_importing_inference_does_not_import_lightning_or_training():
+    import subprocess
+    import sys
+
+    code = "import synth7t.inference, sys; " + _NO_LIGHTNING
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_synth7t_predict_end_to_end_does_not_import_lightning(tiny_model, tmp_path):
+    """``synth7t predict`` on a raw scan (N4, skull stripping, resampling, inference) never loads Lightning nor
+    the training package: prediction needs only the model folder (:mod:`synth7t.model_folder`)."""
+    import subprocess
+    import sys
+
+    model = _model_with_recipe(tiny_model, tmp_path / "model", skullstrip="threshold",
+                               n4_3t="none (already corrected)")
+    src = _oblique_brain(tmp_path)
+    code = ("import sys; from synth7t.cli import main; sys.argv = ['synth7t', 'predict', sys.argv[1], sys.argv[2], "
+            "'--out', sys.argv[3], '--n4', '3t', '--device', 'cpu']\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n" + _NO_LIGHTNING)
+    run = subprocess.run([sys.executable, "-c", code, str(model), str(src), str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "brain" / "syn7t.nii.gz").is_file()
