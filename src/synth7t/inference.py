@@ -243,7 +243,7 @@ def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skul
                   n4_preset: str | dict = "3t", voxel_mm: tuple[float, float, float] | None = None) -> dict:
     """Canonical 3T volume -> brain on the model's grid (``voxel_mm``, default the model's), its mask, the crop
     geometry and the normalized stack. ``n4_preset``: a preset name, N4 parameters, or ``"none"``."""
-    from synth7t.dataset.pack import clipped_minmax, crop_box, crop_pad
+    from synth7t.dataset.cropnorm import clipped_minmax, crop_box, crop_pad
     from synth7t.preprocess.register import resample_to
 
     timings = {}
@@ -281,7 +281,7 @@ def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skul
 
 def predict_volume(predictor: Predictor, vol: Volume, opts: PredictOptions, *, covariates: dict | None = None) -> dict:
     """Predict one loaded scan; returns Volumes ``syn7t``, ``mask`` (and ``uncertainty``) plus bookkeeping."""
-    from synth7t.dataset.pack import denormalize, uncrop
+    from synth7t.dataset.cropnorm import denormalize, uncrop
     from synth7t.manifest import diagnosis_group
 
     cov = covariates or {}

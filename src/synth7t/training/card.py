@@ -12,6 +12,7 @@ import numpy as np
 
 from synth7t import __version__
 from synth7t.config import TrainConfig
+from synth7t.dataset.recipe import normalization_record
 from synth7t.model_folder import generator_state, save_model_folder
 from synth7t.training.data import input_reference
 
@@ -30,7 +31,7 @@ def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elap
 
 
 
-DEFAULT_NORMALIZATION = {"method": "clipped_minmax", "lower_pct": 1.0, "upper_pct": 99.0}
+DEFAULT_NORMALIZATION = normalization_record(1.0, 99.0)  # a store that does not say: the thesis' 1st-99th
 
 
 def model_config(cfg: TrainConfig, store, module) -> dict:
