@@ -82,7 +82,6 @@ def valid_slices(
     return np.flatnonzero(keep)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # work folder -> store
 
@@ -295,9 +294,6 @@ def _voxel_size(cand: _Candidate) -> list[float]:
 
     zooms = nib.load(cand.folder / "mask.nii.gz").header.get_zooms()[:3]
     return [round(float(z), 4) for z in zooms]
-
-
-
 
 
 def _boxes(cands: list[_Candidate], skipped: dict[str, str]) -> dict[str, Box]:

@@ -30,7 +30,6 @@ def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elap
     return save_model_folder(out, state, config, metrics, model_card(cfg, config, metrics))
 
 
-
 DEFAULT_NORMALIZATION = normalization_record(1.0, 99.0)  # a store that does not say: the thesis' 1st-99th
 
 

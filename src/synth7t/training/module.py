@@ -32,6 +32,7 @@ RESUME_KEY = "synth7t_resume"  # the checkpoint entry written by Synth7tModule.o
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
+    """A normalized ``size x size`` Gaussian kernel, shaped (1, 1, size, size) for ``conv2d``."""
     x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     g = g / g.sum()
@@ -251,7 +252,6 @@ class Synth7tModule(pl.LightningModule):
         opt_d = torch.optim.Adam(self.critic.parameters(), lr=self.cfg.loss.critic_lr,
                                  betas=self.cfg.loss.critic_betas)
         return ([opt_g, opt_d], [sched] if sched is not None else [])
-
 
 
 def make_scheduler(opt, o):
