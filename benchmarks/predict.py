@@ -47,8 +47,9 @@ def _model_folder(preset: str, impl: str, tmp: str) -> str:
     import torch
 
     from synth7t.config import load_config
+    from synth7t.model_folder import save_model_folder
     from synth7t.nn import UNet
-    from synth7t.training import model_config, save_model_folder
+    from synth7t.training import model_config
     from train_step import unet_config
 
     cfg = load_config(preset)

@@ -29,7 +29,6 @@ viewer.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -86,11 +85,12 @@ class Predictor:
     """A loaded model on a device, with its configuration; turns a normalized stack into a prediction."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", precision: str = "auto"):
-        from synth7t.training import load_generator, resolve_accelerator
+        from synth7t.devices import resolve_accelerator
+        from synth7t.model_folder import load_generator_with_digest
 
         self.model_dir = Path(model_dir)
         self.device = torch.device(resolve_accelerator(device))
-        self.net, self.config = load_generator(model_dir, self.device)
+        self.net, self.config, self.checksum = load_generator_with_digest(model_dir, self.device)
         if self.device.type == "cpu":
             self.net = self.net.to(memory_format=torch.channels_last)
         self.dtype = self._dtype(precision)
@@ -105,7 +105,6 @@ class Predictor:
             raise InputError(f"{model_dir}: unknown input_standardization {std.get('method')!r} in config.json")
         self.reference_quantiles = (np.asarray(std["reference_quantiles"], np.float64)
                                     if std.get("method") == "histmatch" else None)
-        self.checksum = hashlib.sha256((self.model_dir / "model.safetensors").read_bytes()).hexdigest()
 
     def _dtype(self, precision: str) -> torch.dtype | None:
         if precision not in ("auto", "32", "bf16"):
@@ -244,7 +243,7 @@ def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skul
                   n4_preset: str | dict = "3t", voxel_mm: tuple[float, float, float] | None = None) -> dict:
     """Canonical 3T volume -> brain on the model's grid (``voxel_mm``, default the model's), its mask, the crop
     geometry and the normalized stack. ``n4_preset``: a preset name, N4 parameters, or ``"none"``."""
-    from synth7t.dataset.pack import clipped_minmax, crop_box, crop_pad
+    from synth7t.dataset.cropnorm import clipped_minmax, crop_box, crop_pad
     from synth7t.preprocess.register import resample_to
 
     timings = {}
@@ -282,7 +281,7 @@ def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skul
 
 def predict_volume(predictor: Predictor, vol: Volume, opts: PredictOptions, *, covariates: dict | None = None) -> dict:
     """Predict one loaded scan; returns Volumes ``syn7t``, ``mask`` (and ``uncertainty``) plus bookkeeping."""
-    from synth7t.dataset.pack import denormalize, uncrop
+    from synth7t.dataset.cropnorm import denormalize, uncrop
     from synth7t.manifest import diagnosis_group
 
     cov = covariates or {}

@@ -88,7 +88,8 @@ def packed(tmp_path_factory):
 
 def write_store(out: Path, n: int, shape=(20, 64, 64), seed: int = 0) -> Path:
     """A slice store written directly (no NIfTI, no GMM): fast, for memory and loader tests."""
-    from synth7t.dataset.pack import _write_meta, make_geometry
+    from synth7t.dataset.cropnorm import make_geometry
+    from synth7t.dataset.pack import _write_meta
 
     rng = np.random.default_rng(seed)
     Z, H, W = shape

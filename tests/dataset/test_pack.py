@@ -8,20 +8,17 @@ import os
 import numpy as np
 import pytest
 
-from synth7t.dataset.pack import (
+from synth7t.dataset.cropnorm import (
     CropGeometry,
-    assign_splits,
     clipped_minmax,
     crop_box,
     crop_pad,
     denormalize,
     make_geometry,
-    pack,
-    split_counts,
     uncrop,
-    unpack,
-    valid_slices,
 )
+from synth7t.dataset.pack import pack, unpack, valid_slices
+from synth7t.dataset.splits import assign_splits, split_counts
 from synth7t.errors import ConfigError, InputError
 from synth7t.io import load_volume
 

@@ -35,8 +35,9 @@ def _golden_model(folder: Path) -> Path:
     import torch
 
     from synth7t.config import load_config
+    from synth7t.model_folder import save_model_folder
     from synth7t.nn import UNet
-    from synth7t.training import model_config, save_model_folder
+    from synth7t.training import model_config
 
     cfg = load_config("tiny")
     torch.manual_seed(0)

@@ -141,8 +141,9 @@ def test_input_standardization_is_applied_at_prediction(tmp_path):
     from synth7t.config import load_config
     from synth7t.inference import Predictor
     from synth7t.intensity import quantiles, standardize
+    from synth7t.model_folder import save_model_folder
     from synth7t.nn import UNet
-    from synth7t.training import model_config, save_model_folder
+    from synth7t.training import model_config
 
     cfg = load_config("tiny", {"model.channels": 8, "model.n_groups": 4, "model.head_dim": 8})
     torch.manual_seed(0)
@@ -166,7 +167,7 @@ def _model_with_recipe(tiny_model, dest, **recipe):
     """A copy of the tiny model folder whose config.json ``preprocessing`` is changed by ``recipe``."""
     import shutil
 
-    from synth7t.training import _sha256
+    from synth7t.model_folder import sha256_file
 
     shutil.copytree(tiny_model, dest, ignore=shutil.ignore_patterns("checkpoints", "logs"))
     cfg = json.loads((dest / "config.json").read_text())
@@ -174,7 +175,7 @@ def _model_with_recipe(tiny_model, dest, **recipe):
     (dest / "config.json").write_text(json.dumps(cfg))
     lines = (dest / "checksums.sha256").read_text().splitlines()
     (dest / "checksums.sha256").write_text("".join(
-        f"{_sha256(dest / 'config.json')}  config.json\n" if line.endswith(" config.json") else line + "\n"
+        f"{sha256_file(dest / 'config.json')}  config.json\n" if line.endswith(" config.json") else line + "\n"
         for line in lines))
     return dest
 
@@ -214,3 +215,35 @@ def test_predict_without_recipe_uses_defaults(tiny_model):
     assert len(warnings) == 1 and "voxel size 1 mm differs" in warnings[0]  # only the grid is known
     steps, _ = resolve_steps(predictor, PredictOptions(preprocessed=True))
     assert steps["skullstrip"]["source"].startswith("skipped")
+
+
+_NO_LIGHTNING = ("assert not [m for m in sys.modules if m == 'lightning' or m.startswith('lightning.') "
+                 "or m.startswith('pytorch_lightning') or m.startswith('synth7t.training')], "
+                 "sorted(m for m in sys.modules if 'lightning' in m or m.startswith('synth7t.training'))[:5]")
+
+
+def test_importing_inference_does_not_import_lightning_or_training():
+    import subprocess
+    import sys
+
+    code = "import synth7t.inference, sys; " + _NO_LIGHTNING
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_synth7t_predict_end_to_end_does_not_import_lightning(tiny_model, tmp_path):
+    """``synth7t predict`` on a raw scan (N4, skull stripping, resampling, inference) never loads Lightning nor
+    the training package: prediction needs only the model folder (:mod:`synth7t.model_folder`)."""
+    import subprocess
+    import sys
+
+    model = _model_with_recipe(tiny_model, tmp_path / "model", skullstrip="threshold",
+                               n4_3t="none (already corrected)")
+    src = _oblique_brain(tmp_path)
+    code = ("import sys; from synth7t.cli import main; sys.argv = ['synth7t', 'predict', sys.argv[1], sys.argv[2], "
+            "'--out', sys.argv[3], '--n4', '3t', '--device', 'cpu']\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n" + _NO_LIGHTNING)
+    run = subprocess.run([sys.executable, "-c", code, str(model), str(src), str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "brain" / "syn7t.nii.gz").is_file()

@@ -124,7 +124,7 @@ def test_strategy_choice(fast_training):
     from lightning.pytorch.strategies import DDPStrategy
 
     from synth7t.config import load_config
-    from synth7t.training import _strategy
+    from synth7t.training.distributed import _strategy
 
     cfg = load_config("tiny", fast_training)
     assert _strategy("cpu", "1", 1, cfg) == "auto" and _strategy("cpu", "auto", 1, cfg) == "auto"

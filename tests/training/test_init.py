@@ -8,7 +8,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from synth7t.training import verify_model_folder
+from synth7t.model_folder import verify_model_folder
 
 
 def _sha(path) -> str:

@@ -71,7 +71,7 @@ def test_rng_state_round_trip_with_weights_only(tmp_path):
 
 
 def test_checkpoint_write_interrupted_keeps_the_previous_one(tmp_path):
-    from synth7t.training import _checkpoint_classes
+    from synth7t.training.fit import _checkpoint_classes
 
     _, atomic_io = _checkpoint_classes()
     path = tmp_path / "last.ckpt"

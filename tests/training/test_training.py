@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from synth7t.errors import InputError
-from synth7t.training import load_generator, ssim_map, train, verify_model_folder
+from synth7t.model_folder import load_generator, verify_model_folder
+from synth7t.training import ssim_map, train
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +158,12 @@ def test_plateau_steps_once_per_epoch_on_the_epoch_mean_loss(tiny_store, tmp_pat
 def gan_module():
     """The training module of a small WGAN-GP configuration, and a fixed batch."""
     from synth7t.config import load_config
-    from synth7t.training import _lightning_module_class
+    from synth7t.training.module import Synth7tModule
 
     torch.manual_seed(0)
     cfg = load_config("tiny", {"model.channels": 8, "model.n_groups": 4, "model.head_dim": 8, "loss.perceptual": "none",
                                "critic": {"channels": 8, "n_layers": 2}, "loss.gan_weight": 50.0})
-    module = _lightning_module_class()(cfg.model_dump(mode="json"))
+    module = Synth7tModule(cfg.model_dump(mode="json"))
     g = torch.Generator().manual_seed(1)
     x = torch.nn.functional.avg_pool2d(torch.rand(4, 3, 32, 32, generator=g), 3, 1, 1)
     real = (x[:, 1:2] + 0.3 * (x[:, 1:2] - torch.nn.functional.avg_pool2d(x[:, 1:2], 5, 1, 2))).clamp(0, 1)

@@ -2,27 +2,23 @@
 
 For every finished, non-rejected subject of ``WORK`` (see ``docs/data-layout.md``):
 
-1. **Crop and pad** (thesis 3.1.3). Each subject is cropped to its own brain bounding box (half-open
-   ``((x0, x1), (y0, y1), (z0, z1))`` on its canonical RAS+ grid), then centre-padded in-plane to the cohort's
-   largest box, rounded up to a multiple of ``multiple`` (``2**k`` for a U-net with ``k`` downsamplings; the
-   thesis used 288 x 224). The axial axis is not padded: each subject keeps its own ``Z = z1 - z0``.
-2. **Axes.** Arrays are stored as ``(Z, H, W)`` = ``(z, x, y)`` of the canonical volume: axial slices first
-   so a sample reads contiguous memory; in-plane ``H`` runs along x (left -> Right) and ``W`` along y
-   (posterior -> Anterior). Precisely, with ``(bh, _), (bw, _) = pad``::
-
-       stack[k, bh + i, bw + j] = volume[x0 + i, y0 + j, z0 + k]    0 <= i < x1 - x0, 0 <= j < y1 - y0
-
-   and every other in-plane position is 0. :func:`uncrop` / :func:`unpack` invert this exactly.
-3. **Clipped min-max** (thesis 1.3.1, 3.1.2), per image: with ``lo, hi`` the brain's 1st / 99th
-   percentiles, ``v' = clip((v - lo) / (hi - lo), 0, 1)`` inside the brain mask and 0 outside.
-   ``(lo, hi)`` are stored per subject and image; :func:`denormalize` inverts ``v = v' (hi - lo) + lo``
-   (exact for brain voxels inside ``[lo, hi]``, up to float16 rounding).
-4. **Valid slices** (thesis 3.1.4): axial slices whose mask area exceeds ``min_area_frac`` (1 %) of the
+1. **Crop and pad** (thesis 3.1.3): each subject is cropped to its own brain bounding box, then centre-padded
+   in-plane to the cohort's largest box, rounded up to a multiple of ``multiple`` (the thesis used 288 x 224).
+   The axial axis is not padded: each subject keeps its own ``Z = z1 - z0``. Arrays are stored as ``(Z, H, W)``
+   = ``(z, x, y)`` of the canonical volume, axial slices first so that a sample reads contiguous memory (the
+   exact layout: :mod:`synth7t.dataset.cropnorm`); :func:`unpack` puts a stack back on its subject's grid.
+2. **Clipped min-max** (thesis 1.3.1, 3.1.2; :mod:`synth7t.dataset.cropnorm`), per image, with the brain's 1st /
+   99th percentiles ``(lo, hi)``, stored per subject and image (``denormalize`` inverts it up to float16
+   rounding).
+3. **Valid slices** (thesis 3.1.4): axial slices whose mask area exceeds ``min_area_frac`` (1 %) of the
    subject's largest slice area, at or above QC's ``min_slice`` (converted to the cropped index).
-5. **GMM** for the intensity augmentation: a 3-component Gaussian mixture of the normalized 3T brain
+4. **GMM** for the intensity augmentation: a 3-component Gaussian mixture of the normalized 3T brain
    intensities, sorted by mean (CSF, GM, WM), is fitted once here and stored in ``store.json``.
-6. **Splits** by subject (train / val / test), seeded, stratified by diagnosis group. Subjects without a 7T
-   are packed without a target and listed under the extra split ``"predict"``, never in train/val/test.
+5. **Splits** by subject (train / val / test), seeded, stratified by diagnosis group
+   (:mod:`synth7t.dataset.splits`). Subjects without a 7T are packed without a target and listed under the
+   extra split ``"predict"``, never in train/val/test.
+6. **Recipe**: the preprocessing the subjects share, read from their ``provenance.json``
+   (:mod:`synth7t.dataset.recipe`), is recorded in ``store.json``.
 
 Storage: float16 ``.npy`` files written slice by slice with :func:`numpy.lib.format.open_memmap` (one
 normalized volume is never held in memory) and read with ``np.load(mmap_mode="r")``. We chose ``.npy``
@@ -40,15 +36,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from synth7t.dataset import context as ctx
+from synth7t.dataset.cropnorm import (
+    Box,
+    CropGeometry,
+    brain_limits,
+    crop_box,
+    iter_crop_pad,
+    make_geometry,
+    normalize,
+    round_up,
+    uncrop,
+)
+from synth7t.dataset.recipe import normalization_record, preprocessing_record, subject_recipe
+from synth7t.dataset.splits import assign_splits
 from synth7t.errors import ConfigError, InputError
 from synth7t.io import atomic_path, load_volume, read_json, write_json
 from synth7t.manifest import diagnosis_group
@@ -63,177 +71,6 @@ PREDICT_SPLIT = "predict"
 MIN_AREA_FRAC = 0.01
 GMM_MAX_SAMPLES = 100_000
 
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# pure-array API (also used at predict time, without a store)
-
-
-@dataclass(frozen=True)
-class CropGeometry:
-    """Where a ``(Z, H, W)`` stack sits in its subject's ``(X, Y, Z)`` grid (see the module docstring)."""
-
-    full_shape: tuple[int, int, int]  # (X, Y, Z) of the subject's grid
-    box: Box  # half-open brain bounding box ((x0, x1), (y0, y1), (z0, z1))
-    pad: tuple[tuple[int, int], tuple[int, int]]  # ((before, after) along H, (before, after) along W)
-
-    @property
-    def hw(self) -> tuple[int, int]:
-        """In-plane size (H, W) after padding."""
-        (x0, x1), (y0, y1), _ = self.box
-        (bh, ah), (bw, aw) = self.pad
-        return (bh + x1 - x0 + ah, bw + y1 - y0 + aw)
-
-    @property
-    def stack_shape(self) -> tuple[int, int, int]:
-        """Shape (Z, H, W) of the packed stack."""
-        (z0, z1) = self.box[2]
-        return (z1 - z0, *self.hw)
-
-    def to_dict(self) -> dict:
-        return {
-            "full_shape": list(self.full_shape),
-            "box": [list(b) for b in self.box],
-            "pad": [list(p) for p in self.pad],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CropGeometry:
-        box = tuple((int(a), int(b)) for a, b in d["box"])
-        pad = tuple((int(a), int(b)) for a, b in d["pad"])
-        return cls(tuple(int(s) for s in d["full_shape"]), box, pad)  # type: ignore[arg-type]
-
-
-def round_up(n: int, multiple: int) -> int:
-    """Smallest multiple of ``multiple`` that is >= ``n``."""
-    return int(math.ceil(n / multiple) * multiple)
-
-
-def crop_box(mask: np.ndarray) -> Box:
-    """Half-open bounding box ``((x0, x1), (y0, y1), (z0, z1))`` of the non-zero voxels of a 3-D mask."""
-    if mask.ndim != 3:
-        raise ValueError(f"expected a 3-D mask, got shape {mask.shape}")
-    nz = mask > 0
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(nz.any(axis=other))
-        if idx.size == 0:
-            raise ValueError("mask is empty: no bounding box")
-        box.append((int(idx[0]), int(idx[-1]) + 1))
-    return tuple(box)  # type: ignore[return-value]
-
-
-def make_geometry(
-    full_shape: Sequence[int], box: Box, target_hw: Sequence[int] | None = None, multiple: int = 32
-) -> CropGeometry:
-    """Geometry that centre-pads ``box`` in-plane to ``target_hw`` rounded up to ``multiple``.
-
-    ``target_hw=None`` pads the box itself up to the next multiple. Padding before = ``(H - h) // 2``.
-    """
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    full_shape = tuple(int(s) for s in full_shape)
-    if len(full_shape) != 3:
-        raise ValueError(f"full_shape must have 3 entries, got {full_shape}")
-    for (a, b), n in zip(box, full_shape, strict=True):
-        if not 0 <= a < b <= n:
-            raise ValueError(f"box {box} does not fit in a grid of shape {full_shape}")
-    h, w = box[0][1] - box[0][0], box[1][1] - box[1][0]
-    th, tw = (h, w) if target_hw is None else (int(target_hw[0]), int(target_hw[1]))
-    if th < h or tw < w:
-        raise ValueError(f"brain box of in-plane size ({h}, {w}) does not fit in target ({th}, {tw})")
-    big_h, big_w = round_up(th, multiple), round_up(tw, multiple)
-    pad = (((big_h - h) // 2, big_h - h - (big_h - h) // 2), ((big_w - w) // 2, big_w - w - (big_w - w) // 2))
-    return CropGeometry(full_shape, box, pad)  # type: ignore[arg-type]
-
-
-def iter_crop_pad(volume: np.ndarray, geom: CropGeometry) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(k, slice (H, W))`` for every axial slice k of the packed stack (same dtype as ``volume``)."""
-    if tuple(volume.shape) != geom.full_shape:
-        raise ValueError(f"volume of shape {volume.shape} does not match the geometry's {geom.full_shape}")
-    (x0, x1), (y0, y1), (z0, z1) = geom.box
-    (bh, _), (bw, _) = geom.pad
-    H, W = geom.hw
-    for k, z in enumerate(range(z0, z1)):
-        out = np.zeros((H, W), dtype=volume.dtype)
-        out[bh : bh + x1 - x0, bw : bw + y1 - y0] = volume[x0:x1, y0:y1, z]
-        yield k, out
-
-
-def crop_pad(
-    volume: np.ndarray, box: Box, target_hw: Sequence[int] | None = None, multiple: int = 32
-) -> tuple[np.ndarray, CropGeometry]:
-    """Crop a canonical ``(X, Y, Z)`` volume to ``box`` and centre-pad it.
-
-    Returns ``((Z, H, W) stack, geometry)``.
-
-    ``target_hw`` is the in-plane size to pad to (e.g. the store's, at predict time); ``None`` pads the box to
-    the next multiple of ``multiple``.
-    """
-    if volume.ndim != 3:
-        raise ValueError(f"expected a 3-D volume, got shape {volume.shape}")
-    geom = make_geometry(volume.shape, box, target_hw, multiple)
-    stack = np.zeros(geom.stack_shape, dtype=volume.dtype)  # (Z, H, W)
-    for k, sl in iter_crop_pad(volume, geom):
-        stack[k] = sl
-    return stack, geom
-
-
-def uncrop(stack: np.ndarray, geom: CropGeometry, fill: float = 0.0) -> np.ndarray:
-    """Inverse of :func:`crop_pad`: ``(Z, H, W)`` stack -> ``(X, Y, Z)`` volume, ``fill`` outside the box."""
-    if tuple(stack.shape) != geom.stack_shape:
-        raise ValueError(f"stack of shape {stack.shape} does not match the geometry's {geom.stack_shape}")
-    (x0, x1), (y0, y1), (z0, z1) = geom.box
-    (bh, _), (bw, _) = geom.pad
-    out = np.full(geom.full_shape, fill, dtype=stack.dtype)  # (X, Y, Z)
-    out[x0:x1, y0:y1, z0:z1] = np.transpose(stack[:, bh : bh + x1 - x0, bw : bw + y1 - y0], (1, 2, 0))
-    return out
-
-
-def normalize(values: np.ndarray, mask: np.ndarray | None, limits: Sequence[float]) -> np.ndarray:
-    """``clip((v - lo) / (hi - lo), 0, 1)``, 0 where ``mask`` is 0 (float32)."""
-    lo, hi = float(limits[0]), float(limits[1])
-    if not hi > lo:
-        raise ValueError(f"normalization limits must satisfy lo < hi, got ({lo}, {hi})")
-    out = np.clip((np.asarray(values, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
-    if mask is not None:
-        out = np.where(mask > 0, out, 0.0).astype(np.float32)
-    return out.astype(np.float32, copy=False)
-
-
-def brain_limits(volume: np.ndarray, mask: np.ndarray, lower_pct: float = 1.0, upper_pct: float = 99.0):
-    """Percentiles ``(lo, hi)`` of the brain voxels (``mask > 0``)."""
-    if not 0.0 <= lower_pct < upper_pct <= 100.0:
-        raise ValueError(f"need 0 <= lower_pct < upper_pct <= 100, got {lower_pct}, {upper_pct}")
-    if volume.shape != mask.shape:
-        raise ValueError(f"volume {volume.shape} and mask {mask.shape} differ in shape")
-    brain = volume[mask > 0]
-    if brain.size == 0:
-        raise ValueError("mask is empty: no brain voxel to normalize with")
-    lo, hi = np.percentile(brain, [lower_pct, upper_pct])
-    if not hi > lo:
-        raise ValueError(f"brain intensities are constant between the percentiles ({lo:g}); cannot normalize")
-    return float(lo), float(hi)
-
-
-def clipped_minmax(
-    volume: np.ndarray, mask: np.ndarray, lower_pct: float = 1.0, upper_pct: float = 99.0
-) -> tuple[np.ndarray, tuple[float, float]]:
-    """Clipped min-max normalization (thesis 1.3.1): returns ``(normed float32, (lo, hi))``.
-
-    ``lo, hi`` = brain percentiles; ``normed = clip((v - lo) / (hi - lo), 0, 1)`` in the brain, 0 outside.
-    """
-    limits = brain_limits(volume, mask, lower_pct, upper_pct)
-    return normalize(volume, mask, limits), limits
-
-
-def denormalize(values: np.ndarray, limits: Sequence[float]) -> np.ndarray:
-    """Inverse of the normalization: ``v = v' (hi - lo) + lo`` (float32)."""
-    lo, hi = float(limits[0]), float(limits[1])
-    return (np.asarray(values, dtype=np.float32) * np.float32(hi - lo) + np.float32(lo)).astype(np.float32)
-
 
 def valid_slices(
     mask_stack: np.ndarray, min_slice: int = 0, min_area_frac: float = MIN_AREA_FRAC
@@ -243,79 +80,6 @@ def valid_slices(
     keep = (areas > min_area_frac * areas.max()) & (areas > 0)
     keep &= np.arange(areas.size) >= min_slice
     return np.flatnonzero(keep)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# splits
-
-
-def split_counts(n: int, split: Sequence[float] | Sequence[int]) -> tuple[int, int, int]:
-    """Number of subjects per split from fractions (largest remainder) or explicit counts.
-
-    Fractions must be >= 0 and sum to 1; each non-zero fraction gets at least one subject when there are
-    enough subjects. Counts (all ints) must sum to ``n``.
-    """
-    if len(split) != 3:
-        raise ConfigError(f"split needs 3 values (train, val, test), got {list(split)}")
-    if all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in split):
-        counts = tuple(int(s) for s in split)
-        if min(counts) < 0 or sum(counts) != n:
-            raise ConfigError(f"split counts {list(counts)} must be >= 0 and sum to {n} (subjects with a 7T)")
-        return counts  # type: ignore[return-value]
-    fracs = [float(s) for s in split]
-    if min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
-        raise ConfigError(f"split fractions {fracs} must be >= 0 and sum to 1")
-    raw = [f * n for f in fracs]
-    counts = [int(math.floor(r)) for r in raw]
-    order = sorted(range(3), key=lambda i: (-(raw[i] - counts[i]), i))
-    for i in order[: n - sum(counts)]:
-        counts[i] += 1
-    for i in range(3):  # give an empty but requested split one subject, taken from the largest
-        if fracs[i] > 0 and counts[i] == 0:
-            j = int(np.argmax(counts))
-            if counts[j] > 1:
-                counts[j] -= 1
-                counts[i] += 1
-    return tuple(counts)  # type: ignore[return-value]
-
-
-def assign_splits(
-    names: Sequence[str],
-    groups: Sequence[str | None],
-    split: Sequence[float] | Sequence[int] = (0.7, 0.15, 0.15),
-    *,
-    seed: int = 0,
-    stratify: bool = True,
-) -> dict[str, list[str]]:
-    """Seeded subject-level split into train / val / test.
-
-    Stratified: each group (healthy / ill / unknown) is shuffled, every subject gets the key
-    ``(rank + 0.5) / group size`` and the subjects sorted by key are cut into consecutive train / val / test
-    runs, so each split receives about its fraction of every group.
-    """
-    if len(set(names)) != len(names):
-        raise ValueError("subject names must be unique")
-    n_train, n_val, _ = split_counts(len(names), split)
-    rng = np.random.default_rng(seed)
-    if stratify:
-        keys: dict[str, tuple[float, float]] = {}
-        strata: dict[str, list[str]] = {}
-        for name, group in zip(names, groups, strict=True):
-            strata.setdefault(group or "unknown", []).append(name)
-        for label in sorted(strata):
-            members = sorted(strata[label])
-            perm = rng.permutation(len(members))
-            for rank, idx in enumerate(perm):
-                keys[members[idx]] = ((rank + 0.5) / len(members), float(rng.random()))
-        order = sorted(keys, key=lambda s: keys[s])
-    else:
-        ordered = sorted(names)
-        order = [ordered[i] for i in rng.permutation(len(ordered))]
-    return {
-        "train": sorted(order[:n_train]),
-        "val": sorted(order[n_train : n_train + n_val]),
-        "test": sorted(order[n_train + n_val :]),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -507,7 +271,7 @@ def pack(
     prep = preprocessing_record(
         {c.name: subject_recipe(c, _voxel_size(c)) for c in cands},
         {c.name: [m for k, m in (c.qc.get("details") or {}).items() if k.startswith("mask_method")] for c in cands},
-        _normalization(lower_pct, upper_pct), allow_mixed=allow_mixed)
+        normalization_record(lower_pct, upper_pct), allow_mixed=allow_mixed)
     hh = max(b[0][1] - b[0][0] for b in boxes.values())
     ww = max(b[1][1] - b[1][0] for b in boxes.values())
     hw = (round_up(hh, multiple), round_up(ww, multiple))
@@ -530,87 +294,6 @@ def _voxel_size(cand: _Candidate) -> list[float]:
 
     zooms = nib.load(cand.folder / "mask.nii.gz").header.get_zooms()[:3]
     return [round(float(z), 4) for z in zooms]
-
-
-def _normalization(lower_pct: float, upper_pct: float) -> dict:
-    return {"method": "clipped_minmax", "lower_pct": lower_pct, "upper_pct": upper_pct}
-
-
-# the preprocessing settings that describe what a model's inputs look like: subjects packed together must share
-# them (the other settings of provenance.json, e.g. QC thresholds or the seed, do not change the images' kind)
-RECIPE_KEYS = ("pipeline_version", "skullstrip", "t3_already_corrected", "n4_3t", "n4_7t_first", "n4_7t",
-               "registration_resolution_mm", "registration_transform", "voxel_size_mm")
-CSF_HANDLING = ("t3/t7.nii.gz keep the CSF (cut to the brain+CSF mask); the store zeroes everything outside the "
-                "brain mask (mask.nii.gz)")
-
-
-def _n4_label(params: dict | None) -> str | dict | None:
-    from synth7t.preprocess.bias import preset_name
-
-    return preset_name(params) or params
-
-
-def subject_recipe(cand: _Candidate, voxel_size_mm: list[float]) -> dict | None:
-    """The preprocessing recipe of one subject from its ``provenance.json`` (None when it has none)."""
-    params = (cand.provenance or {}).get("params")
-    if not isinstance(params, dict):
-        return None
-    n4_3t = "none (already corrected)" if params.get("t3_already_corrected") else _n4_label(params.get("n4_3t"))
-    rec = {"pipeline_version": params.get("pipeline_version"), "skullstrip": params.get("skullstrip"),
-           "t3_already_corrected": params.get("t3_already_corrected"), "n4_3t": n4_3t,
-           "n4_7t_first": _n4_label(params.get("n4_7t_first")) if cand.has_t7 else None,
-           "n4_7t": _n4_label(params.get("n4_7t")) if cand.has_t7 else None,
-           "registration_resolution_mm": params.get("registration_resolution_mm") if cand.has_t7 else None,
-           "registration_transform": params.get("registration_transform") if cand.has_t7 else None,
-           "voxel_size_mm": voxel_size_mm}
-    return rec
-
-
-def preprocessing_record(recipes: dict[str, dict | None], methods: dict[str, list[str]], normalization: dict,
-                         *, allow_mixed: bool) -> dict:
-    """``store.json``'s ``preprocessing``: the recipe the packed subjects share (see docs/data-layout.md).
-
-    Settings that differ between subjects raise a :class:`ConfigError` naming them, or with ``allow_mixed`` are
-    recorded as ``{"mixed": {value: [subjects]}}`` with a warning. Subjects without ``provenance.json`` are
-    listed under ``unknown`` (with a warning).
-    """
-    known = {n: r for n, r in recipes.items() if r is not None}
-    unknown = sorted(n for n, r in recipes.items() if r is None)
-    rec: dict = {}
-    mixed: dict[str, dict[str, list[str]]] = {}
-    for key in RECIPE_KEYS:
-        values: dict[str, list[str]] = {}
-        for name, r in known.items():
-            if r.get(key) is None and key in ("n4_7t_first", "n4_7t", "registration_resolution_mm",
-                                              "registration_transform"):
-                continue  # prediction-only subjects have no 7T steps
-            values.setdefault(json.dumps(r.get(key), sort_keys=True), []).append(name)
-        if len(values) == 1:
-            rec[key] = json.loads(next(iter(values)))
-        elif len(values) > 1:  # keys: the value as written (strings unquoted)
-            mixed[key] = {(json.loads(k) if k.startswith('"') else k): sorted(v) for k, v in values.items()}
-            rec[key] = {"mixed": mixed[key]}
-    if mixed:
-        lines = "; ".join(f"{k}: " + ", ".join(f"{v} ({len(n)} subject(s), e.g. {n[0]})" for v, n in d.items())
-                          for k, d in mixed.items())
-        if not allow_mixed:
-            raise ConfigError(f"subjects were preprocessed with different settings ({lines}); re-run "
-                              "`synth7t preprocess` on them with one setting, or pack with "
-                              "--allow-mixed-preprocessing to accept a mixed store")
-        log.warning("packing subjects preprocessed with different settings: %s", lines)
-    if unknown:
-        log.warning("%d subject(s) have no provenance.json (preprocessing unknown): %s", len(unknown),
-                    ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
-        rec["unknown"] = unknown
-    if known:
-        rec["csf"] = CSF_HANDLING
-        used: dict[str, int] = {}
-        for ms in methods.values():
-            for m in ms:
-                used[m] = used.get(m, 0) + 1
-        rec["skullstrip_used"] = dict(sorted(used.items()))  # masks per method actually used (fallbacks show)
-    rec["normalization"] = normalization
-    return rec
 
 
 def _boxes(cands: list[_Candidate], skipped: dict[str, str]) -> dict[str, Box]:
@@ -642,7 +325,7 @@ def _write_meta(out: Path, subjects: dict, skipped: dict, hw, opts: dict, phash:
         "axes": "arrays are (Z, H, W) = (z, x, y) of the canonical RAS+ grid; stack[k, bh+i, bw+j] = "
         "volume[x0+i, y0+j, z0+k] with ((bh, _), (bw, _)) = pad",
         "dtypes": {"t3": "float16", "t7": "float16", "mask": "uint8"},
-        "normalization": _normalization(opts["lower_pct"], opts["upper_pct"]),
+        "normalization": normalization_record(opts["lower_pct"], opts["upper_pct"]),
         "preprocessing": preprocessing if preprocessing is not None else {},
         "context": ctx.describe(),
         "splits": splits,

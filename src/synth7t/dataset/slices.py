@@ -29,7 +29,8 @@ import numpy as np
 
 from synth7t.dataset import context as ctx
 from synth7t.dataset.augment import Augmenter, GMMFit
-from synth7t.dataset.pack import KINDS, PREDICT_SPLIT, SPLITS, CropGeometry, read_store_meta
+from synth7t.dataset.cropnorm import CropGeometry
+from synth7t.dataset.pack import KINDS, PREDICT_SPLIT, SPLITS, read_store_meta
 from synth7t.errors import InputError
 from synth7t.intensity import quantile_table, standardize
 
@@ -130,7 +131,7 @@ class SliceStore:
         return arrays
 
     def limits(self, subject: str, kind: str) -> tuple[float, float]:
-        """Normalization limits ``(lo, hi)`` of ``kind`` ("t3" or "t7") for :func:`pack.denormalize`."""
+        """Normalization limits ``(lo, hi)`` of ``kind`` ("t3" or "t7"), for :func:`~.cropnorm.denormalize`."""
         return tuple(self.info(subject)["limits"][kind])  # type: ignore[return-value]
 
     def geometry(self, subject: str) -> CropGeometry:

@@ -6,7 +6,7 @@ the benchmark's quality table.
   and ``dice_<label>`` when segmentation was run, ``segmentation_method``, ``group``).
 * :func:`evaluate` (``synth7t evaluate``): for every subject of the chosen split, the model predicts the whole
   stack of its packed (preprocessed, normalized) 3T slices; prediction, 3T, real 7T and mask are put back on
-  the subject's preprocessed 7T grid (:func:`synth7t.dataset.pack.uncrop`) and scored with
+  the subject's preprocessed 7T grid (:func:`synth7t.dataset.cropnorm.uncrop`) and scored with
   :func:`evaluate_subject` against the baselines (:mod:`~synth7t.evaluation.baselines`). Extra models (e.g.
   the GAN variant) are scored on the same subjects without segmentation. Volumes are written to
   ``OUT/volumes/`` for the report's montages and viewer, then :func:`~synth7t.evaluation.report.write_report`
@@ -197,7 +197,7 @@ def evaluate(
     7T histogram of the ``histmatch_population`` baseline; by default ``data`` itself. Give the model's training
     store when ``data`` holds only test subjects (another site, the transfer set).
     """
-    from synth7t.dataset.pack import uncrop
+    from synth7t.dataset.cropnorm import uncrop
     from synth7t.evaluation.metrics import compute_metrics
     from synth7t.evaluation.report import write_report
     from synth7t.inference import Predictor
@@ -266,7 +266,7 @@ def evaluate(
 
 def _predict_full(predictor, stacks: dict, cov: dict, geom) -> np.ndarray:
     """A model's prediction of one subject's packed 3T stack, inside the brain, on the subject's full grid."""
-    from synth7t.dataset.pack import uncrop
+    from synth7t.dataset.cropnorm import uncrop
 
     pred, _ = predictor.predict_stack(stacks["t3"], **cov)
     return uncrop((pred * (stacks["mask"] > 0)).astype(np.float32), geom)

@@ -233,7 +233,9 @@ class SynthesisLoss(nn.Module):
     With ``mask_weight = w > 0`` and a brain mask, the L1 is a weighted mean with weights ``1 + w * mask``:
     ``L1 = sum((1 + w m) |y - y'|) / sum(1 + w m)``, so brain voxels count ``1 + w`` times the background.
     The perceptual module is a frozen submodule (moved with ``.to()``); deepbet's weights are non-persistent
-    buffers, so they are neither parameters nor part of the state dict.
+    buffers, so they are neither parameters nor part of the state dict. Both terms are computed in float32
+    (under mixed precision too). This is the loss the trainer runs
+    (:meth:`synth7t.training.module.Synth7tModule.synthesis_loss`).
     """
 
     def __init__(self, perceptual: nn.Module | None = None, perceptual_weight: float = 0.0, mask_weight: float = 0.0):
@@ -266,7 +268,7 @@ class SynthesisLoss(nn.Module):
         else:
             l1 = diff.mean()
         if self.perceptual is not None and self.perceptual_weight > 0:
-            perc = self.perceptual(pred, target).float()
+            perc = self.perceptual(pred.float(), target.float()).float()
         else:
             perc = l1.new_zeros(())
         return {"l1": l1, "perceptual": perc, "total": l1 + self.perceptual_weight * perc}

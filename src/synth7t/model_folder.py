@@ -1,0 +1,121 @@
+"""The model folder: the self-describing directory a training run writes and prediction reads.
+
+A model folder holds ``model.safetensors`` (the generator's weights; no pickles), ``config.json`` (what
+inference needs: architecture, slices, grid, normalization, context, preprocessing recipe), ``metrics.json``,
+``model_card.md`` and ``checksums.sha256`` (sha256 of each of those files). This module writes one
+(:func:`save_model_folder`), checks one (:func:`verify_model_folder`) and rebuilds the U-net from one
+(:func:`load_generator`). It imports neither Lightning nor :mod:`synth7t.training`, so prediction does not
+either; what goes *into* ``config.json`` and the card is decided by :mod:`synth7t.training.card`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from synth7t import __version__
+from synth7t.errors import InputError
+from synth7t.io import read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = ("model.safetensors", "config.json")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def generator_state(module_or_ckpt: Any) -> dict[str, torch.Tensor]:
+    """The generator's weights, from a module or a checkpoint file (loaded with ``weights_only=True``)."""
+    if isinstance(module_or_ckpt, (str, Path)):
+        ckpt = torch.load(module_or_ckpt, map_location="cpu", weights_only=True)
+        sd = ckpt["state_dict"]
+    else:
+        sd = module_or_ckpt.state_dict()
+    return {k[len("generator."):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith("generator.")}
+
+
+def save_model_folder(out: Path, state: dict[str, torch.Tensor], config: dict, metrics: dict, card: str) -> Path:
+    """Write a model folder: weights (safetensors), config.json, metrics.json, model_card.md, checksums.sha256."""
+    from safetensors.torch import save_file
+
+    from synth7t.io import atomic_path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "synth7t", "version": __version__})
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "config.json", config)
+    write_text(out / "model_card.md", card)
+    files = [*MODEL_FILES, "metrics.json", "model_card.md"]
+    write_text(out / "checksums.sha256", "".join(f"{sha256_file(out / f)}  {f}\n" for f in files))
+    log.info("model folder written: %s", out)
+    return out
+
+
+def verify_model_folder(model_dir: str | Path) -> dict:
+    """Check a model folder's files and checksums; return its config. One-line InputError on any problem."""
+    return _verify(Path(model_dir))[0]
+
+
+def _verify(d: Path) -> tuple[dict, dict[str, str]]:
+    """(config, {file name: sha256 computed}) of a model folder; see :func:`verify_model_folder`."""
+    if not d.is_dir():
+        raise InputError(f"{d}: model folder not found")
+    for name in (*MODEL_FILES, "checksums.sha256"):
+        if not (d / name).is_file():
+            raise InputError(f"{d}: not a synth7t model folder ({name} is missing)")
+    digests = {}
+    for line in (d / "checksums.sha256").read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        f = d / name.strip()
+        if not f.is_file():
+            raise InputError(f"{d}: {name.strip()} listed in checksums.sha256 is missing")
+        digests[name.strip()] = sha256_file(f)
+        if digests[name.strip()] != digest:
+            raise InputError(f"{f}: checksum mismatch (file changed or corrupt)")
+    cfg = read_json(d / "config.json")
+    if cfg.get("format") != "synth7t-model" or "model" not in cfg:
+        raise InputError(f"{d / 'config.json'}: not a synth7t model config")
+    return cfg, digests
+
+
+def load_generator(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the U-net from a model folder (config.json + model.safetensors); returns (model, config)."""
+    net, cfg, _ = load_generator_with_digest(model_dir, device)
+    return net, cfg
+
+
+def load_generator_with_digest(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """:func:`load_generator` plus the weights' sha256: (model, config, sha256 of ``model.safetensors``).
+
+    The digest is the one computed while verifying the checksums: the file is hashed once.
+    """
+    from safetensors.torch import load_file
+
+    from synth7t.nn import UNet
+    from synth7t.nn.config import UNetConfig
+
+    d = Path(model_dir)
+    cfg, digests = _verify(d)
+    weights = d / "model.safetensors"
+    try:
+        net = UNet(UNetConfig.model_validate(cfg["model"]))
+        net.load_state_dict(load_file(str(weights), device="cpu"))
+    except Exception as exc:  # a config/weights mismatch is a broken model folder, not a bug
+        raise InputError(f"{model_dir}: weights do not match config.json ({str(exc).splitlines()[0]})") from None
+    digest = digests.get("model.safetensors") or sha256_file(weights)
+    return net.to(device).eval(), cfg, digest

@@ -1,0 +1,132 @@
+"""What a training run writes into its model folder: ``config.json`` (:func:`model_config`) and the model card.
+
+:func:`write_model_folder` gathers the trained generator's weights, the run's metrics, the description and the
+card, and hands them to :func:`synth7t.model_folder.save_model_folder`, which owns the folder's format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from synth7t import __version__
+from synth7t.config import TrainConfig
+from synth7t.dataset.recipe import normalization_record
+from synth7t.model_folder import generator_state, save_model_folder
+from synth7t.training.data import input_reference
+
+
+def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elapsed: float,
+                       weights_from: str | None, data_notes: dict, *, init_from: dict | None = None) -> Path:
+    """Write model.safetensors, config.json, metrics.json, model_card.md and checksums.sha256 into ``out``."""
+    state = generator_state(weights_from) if weights_from else generator_state(module)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics.update(epochs=int(trainer.current_epoch), steps=int(trainer.global_step), train_seconds=round(elapsed, 1),
+                   weights="best" if weights_from else "final")
+    config = model_config(cfg, store, module)
+    config["training_data"].update(data_notes)
+    config["init_from"] = init_from  # None: trained from random weights; else the source model's sha256
+    return save_model_folder(out, state, config, metrics, model_card(cfg, config, metrics))
+
+
+DEFAULT_NORMALIZATION = normalization_record(1.0, 99.0)  # a store that does not say: the thesis' 1st-99th
+
+
+def model_config(cfg: TrainConfig, store, module) -> dict:
+    """What inference needs, and nothing it must guess: architecture, slices, grid, normalization, context.
+
+    ``store=None`` describes an untrained model (benchmarks): 0.65 mm grid, no training data.
+    ``module`` is the LightningModule (its ``generator`` is counted) or the network itself.
+    """
+    meta = store.meta if store is not None else {}
+    net = getattr(module, "generator", module)
+    if store is None:
+        data = {"untrained": True}
+    else:
+        data = {"store": str(Path(store.root).resolve().name), "n_train": len(store.split_subjects("train")),
+                "n_val": len(store.split_subjects("val")), "n_test": len(store.split_subjects("test")),
+                "simulated": bool(meta.get("simulated", False))}
+    return {
+        "format": "synth7t-model",
+        "synth7t_version": __version__,
+        "preset": cfg.preset,
+        "architecture": "attention residual U-net (2.5D)",
+        "model": cfg.model.model_dump(mode="json"),
+        "n_slices": cfg.model.in_slices,
+        "slice_axis": "axial (canonical RAS+ axis 2)",
+        "voxel_size_mm": store_voxel_size(store) if store is not None else [0.65, 0.65, 0.65],
+        "multiple": cfg.model.downsample_factor,
+        "normalization": meta.get("normalization", DEFAULT_NORMALIZATION),
+        "input_standardization": _standardization(store, cfg),
+        "context": meta.get("context", {"dim": cfg.model.context_dim}),
+        "preprocessing": meta.get("preprocessing", {}),
+        "perceptual": cfg.loss.perceptual if store is not None and cfg.loss.perceptual_weight > 0 else "none",
+        "gan": cfg.is_gan,
+        "training_data": data,
+        "parameters": int(sum(p.numel() for p in net.parameters())),
+        "train_config": cfg.model_dump(mode="json"),
+    }
+
+
+def _standardization(store, cfg: TrainConfig) -> dict:
+    """What :func:`synth7t.intensity.standardize` needs at prediction time (``{"method": "none"}`` when off)."""
+    if cfg.data.standardize == "none" or store is None:
+        return {"method": "none"}
+    return {"method": cfg.data.standardize, "reference": "training split's mean 7T brain histogram",
+            "reference_quantiles": [round(float(q), 6) for q in input_reference(store, cfg)]}
+
+
+def store_voxel_size(store) -> list[float]:
+    """Voxel size (mm) of the store's training grid, from its first training subject's affine."""
+    subjects = store.split_subjects("train") or store.subjects
+    affine = np.asarray(store.info(subjects[0]).get("affine", np.diag([0.65, 0.65, 0.65, 1.0])), float)
+    return [round(float(z), 4) for z in np.sqrt((affine[:3, :3] ** 2).sum(0))]
+
+
+def architecture_summary(m) -> str:
+    """One line on the attention design of a UNetConfig, for the model card."""
+    heads = f"{m.attention_heads} head{'s' if m.attention_heads != 1 else ''}" if m.attention_heads else \
+        f"heads of {m.head_dim} channels"
+    if m.attention_block == "thesis":
+        block = "thesis attention blocks (self-attention -> cross-attention -> feed-forward)"
+    else:
+        block = "light attention blocks"
+    parts = [block, heads, f"{m.n_up_blocks} residual blocks per up stage"]
+    if not m.self_attention:
+        parts.append("no self-attention")
+    if not m.covariates:
+        parts.append("covariates ignored")
+    if not m.out_norm:
+        parts.append("no last normalization")
+    return ", ".join(parts)
+
+
+def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
+    """A short human-readable card: what the model is, what it was trained on, what it is not for."""
+    t = d["training_data"]
+    sim = " The training data were SIMULATED (synth7t demo); this model is for trying the tool only." if t[
+        "simulated"] else ""
+    val = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val/")) or "no validation split"
+    return (
+        f"# synth7t model ({cfg.preset})\n\n"
+        f"Turns 3T T1-weighted brain MRI into a synthetic 7T-like image at {d['voxel_size_mm']} mm.\n\n"
+        f"- Architecture: 2.5D attention residual U-net, {cfg.model.in_slices} input slices, channels "
+        f"{cfg.model.stage_channels}, {architecture_summary(cfg.model)}, "
+        f"{'WGAN-GP critic' if cfg.is_gan else 'no critic'}; {d['parameters']:,} parameters.\n"
+        f"- Loss: L1 + {cfg.loss.perceptual_weight:g} x perceptual ({d['perceptual']}).\n"
+        f"- Training data: {t['n_train']} training / {t['n_val']} validation / {t['n_test']} test subjects.{sim}\n"
+        f"- Training: {metrics.get('epochs', '?')} epochs, {metrics.get('steps', '?')} steps, "
+        f"{metrics.get('train_seconds', '?')} s.{_init_line(d.get('init_from'))}\n- Validation: {val}.\n\n"
+        "## Intended use\nResearch on brain MRI: producing 7T-like images from 3T scans for visualisation and for\n"
+        "downstream analyses whose sensitivity to synthetic data has been checked. Outputs are estimates learnt\n"
+        "from paired data; they can miss or invent detail, especially for anatomy unlike the training cohort\n"
+        "(lesions, other scanners, children).\n\n**Not a clinical device. Not for diagnosis or treatment decisions.**\n"
+    )
+
+
+def _init_line(init_from: dict | None) -> str:
+    if not init_from:
+        return ""
+    return (f" Fine-tuned from the model whose model.safetensors has sha256 {init_from['sha256']}"
+            f" (preset {init_from.get('preset')}).")
