@@ -197,7 +197,7 @@ def test_transformer_block_parameters_match_monai_spatial_transformer():
 
 @pytest.mark.parametrize("shift", [0.0, 5.0])
 def test_group_norm_silu_and_std_equal_the_plain_ops(shift):
-    from synth7t.nn.blocks import group_norm_silu
+    from synth7t.nn.kernels import group_norm_silu
 
     torch.manual_seed(6)
     norm = torch.nn.GroupNorm(4, 16)
@@ -234,15 +234,15 @@ def test_resblock_adadm_uses_the_input_std():
 
 def test_cpu_bf16_attention_matches_sdpa():
     """The chunked bf16 attention (forward, and its own backward) against float32 SDPA, on several chunks."""
-    import synth7t.nn.blocks as blocks
+    import synth7t.nn.kernels as kernels
 
     torch.manual_seed(8)
     n, t = 300, 5000  # chunks of 2**20 // 5000 = 209 queries
     q, k, v = torch.randn(2, 2, n, 16), torch.randn(2, 2, t, 16), torch.randn(2, 2, t, 16)
-    assert blocks._rows(n, t) < n
+    assert kernels._rows(n, t) < n
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     qb, kb, vb = (x.bfloat16().requires_grad_(True) for x in (q, k, v))
-    out = blocks.attention(qb, kb, vb)
+    out = kernels.attention(qb, kb, vb)
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=3e-2)
     g = torch.randn_like(ref)
     out.float().backward(g)
@@ -252,13 +252,13 @@ def test_cpu_bf16_attention_matches_sdpa():
         scale = want.grad.abs().max()
         torch.testing.assert_close(got.grad.float(), want.grad, rtol=0, atol=0.03 * scale)
     with torch.no_grad():
-        torch.testing.assert_close(blocks.attention(qb, kb, vb).float(), ref, rtol=0, atol=3e-2)
-    torch.testing.assert_close(blocks.attention(q, k, v), ref)  # float32: fused SDPA
+        torch.testing.assert_close(kernels.attention(qb, kb, vb).float(), ref, rtol=0, atol=3e-2)
+    torch.testing.assert_close(kernels.attention(q, k, v), ref)  # float32: fused SDPA
 
 
 def test_group_norm_silu_channels_last_bf16_backward_matches_native():
     """The hand-written bf16 channels-last backward against float32 autograd of GroupNorm -> SiLU."""
-    from synth7t.nn.blocks import group_norm_silu
+    from synth7t.nn.kernels import group_norm_silu
 
     torch.manual_seed(9)
     norm = torch.nn.GroupNorm(4, 16)
@@ -279,7 +279,7 @@ def test_group_norm_silu_channels_last_bf16_backward_matches_native():
 
 
 def test_pointwise_conv_equals_conv2d_in_both_layouts():
-    from synth7t.nn.blocks import PointwiseConv2d
+    from synth7t.nn.kernels import PointwiseConv2d
 
     torch.manual_seed(10)
     pw = PointwiseConv2d(6, 4)
