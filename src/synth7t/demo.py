@@ -38,6 +38,11 @@ real high-resolution brains by 3T recipes drawn outside the training ranges.
 To fit the time budget of the whole demo chain on a 2-core laptop, each subject covers an axial *slab* of the
 brain (``slab_mm``, by default 40 mm from the upper cerebellum to the lateral ventricles) rather than the whole
 brain. Everything here is SIMULATED DATA: it is for trying the tool, not for any scientific or clinical use.
+
+Why one module of ~600 lines: the simulator's ranges (:class:`DemoSpec`), the anatomy it deforms and the 3T/7T
+physics it renders are one documented model; splitting it would scatter the numbers a reader has to check
+against each other (:func:`build_demo_cohort` writes the cohort; the ``demo`` command's chain is in
+``pipeline_demo.py``).
 """
 
 from __future__ import annotations

@@ -16,18 +16,15 @@ from synth7t.dataset.augment import (
     DropCovariates,
     ElasticDeformation,
     GMMAugment,
-    GMMFit,
     GMMIntensity,
     IntensityScale,
     Noise,
     RandomGMMIntensity,
     dense_displacement,
-    fit_gmm,
     from_records,
-    gmm_map,
-    gmm_map_table,
     replay,
 )
+from synth7t.dataset.gmm import GMMFit, fit_gmm, gmm_map, gmm_map_table
 from synth7t.dataset.slices import SliceDataset
 
 ALL_ON = {k: {"enabled": True} for k in ("gmm", "elastic", "blur", "bias", "scale", "noise")}

@@ -155,7 +155,7 @@ def _write_stack(path: Path, volume: np.ndarray, mask: np.ndarray, geom: CropGeo
 
 def _fit_t3_gmm(brain: np.ndarray, name: str, seed: int) -> dict | None:
     """GMM of the normalized 3T brain intensities for the GMM augmentation; None (logged) if it cannot fit."""
-    from synth7t.dataset.augment import fit_gmm
+    from synth7t.dataset.gmm import fit_gmm
 
     try:
         return fit_gmm(brain, seed=seed).to_dict()

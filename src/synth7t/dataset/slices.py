@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from synth7t.dataset import context as ctx
-from synth7t.dataset.augment import Augmenter, GMMFit
+from synth7t.dataset.augment import Augmenter
 from synth7t.dataset.cropnorm import CropGeometry
+from synth7t.dataset.gmm import GMMFit
 from synth7t.dataset.pack import KINDS, PREDICT_SPLIT, SPLITS, read_store_meta
 from synth7t.errors import InputError
 from synth7t.intensity import quantile_table, standardize

@@ -18,6 +18,10 @@ share of the CPU cores. A failing subject is recorded in ``cohort.json`` with it
 paths replaced by the pseudonym) and does not stop the others. Reruns skip subjects whose ``.done`` carries the
 same parameter hash and redo the others. ``shard=(k, n)`` (``0 <= k < n``) processes every n-th subject of the
 ID-sorted cohort starting at the k-th, so a SLURM array (``--array=0-<n-1>``) splits a cohort across nodes.
+
+Why one module of ~490 lines: the steps of one subject and the resumable cohort runner share the partial-folder
+and ``.done`` contract; keeping them together keeps that contract in one place. The steps themselves live in
+``bias.py``, ``skullstrip.py``, ``register.py``, ``qc.py`` and ``anonymize.py``.
 """
 
 from __future__ import annotations
