@@ -362,13 +362,9 @@ def on_input_grid(pred: Volume, canonical: Volume, info) -> Volume:
 
 def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Subject]:
     """Files, folders of NIfTI files, or manifests (CSV/TSV with per-scan covariates) -> jobs."""
-    from synth7t.manifest import parse_age, parse_diagnosis, parse_sex, read_manifest
+    from synth7t.manifest import read_manifest
 
-    try:
-        age, sex, diagnosis = parse_age(None if opts.age is None else str(opts.age)), parse_sex(opts.sex), \
-            parse_diagnosis(opts.diagnosis)
-    except ValueError as exc:
-        raise InputError(f"covariates: {exc}") from None
+    age, sex, diagnosis = option_covariates(opts).values()
     jobs: list[Subject] = []
     for item in inputs:
         p = Path(item)
@@ -388,6 +384,17 @@ def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Subje
     if dupes:
         raise InputError(f"several inputs share the output name(s) {', '.join(dupes)}; predict them separately")
     return jobs
+
+
+def option_covariates(opts: PredictOptions) -> dict:
+    """``{"age", "sex", "diagnosis"}`` given as options (for every input that does not give its own), parsed."""
+    from synth7t.manifest import parse_age, parse_diagnosis, parse_sex
+
+    try:
+        return {"age": parse_age(None if opts.age is None else str(opts.age)), "sex": parse_sex(opts.sex),
+                "diagnosis": parse_diagnosis(opts.diagnosis)}
+    except ValueError as exc:
+        raise InputError(f"covariates: {exc}") from None
 
 
 def _stem(p: Path) -> str:
