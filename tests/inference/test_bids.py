@@ -4,7 +4,6 @@ resume, and one-line errors for a missing folder, a folder that is not BIDS, and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,20 +20,14 @@ SCANS = ("sub-01/anat/sub-01_T1w.nii.gz", "sub-02/ses-1/anat/sub-02_ses-1_acq-mp
          "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz")
 
 
-def _brain_writer():
-    spec = importlib.util.spec_from_file_location("synth7t_test_predict", Path(__file__).with_name("test_predict.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._oblique_brain
 
 
 @pytest.fixture
-def raw(tmp_path):
+def raw(tmp_path, write_brain):
     """A tiny BIDS raw dataset: three T1w scans (one with acq/run entities), a T2w to ignore, participants.tsv."""
     root = tmp_path / "bids"
-    write = _brain_writer()
     for rel in (*SCANS, "sub-01/anat/sub-01_T2w.nii.gz"):
-        write(root / Path(rel).parent, Path(rel).name, shape=(20, 24, 16))
+        write_brain(root / Path(rel).parent, Path(rel).name, shape=(20, 24, 16))
     (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.10.0"}))
     (root / "participants.tsv").write_text("participant_id\tage\tsex\tdiagnosis\nsub-01\t71\tF\tmci\n"
                                            "sub-02\t64.5\tO\tn/a\n")

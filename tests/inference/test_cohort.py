@@ -4,7 +4,6 @@ reported while the others finish."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -16,17 +15,6 @@ from synth7t.manifest import Subject
 from synth7t.preprocess.pipeline import select_shard
 
 
-def _brain_writer():
-    """test_predict.py's synthetic oblique brain (one source for both files)."""
-    spec = importlib.util.spec_from_file_location("synth7t_test_predict", Path(__file__).with_name("test_predict.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._oblique_brain
-
-
-write_brain = _brain_writer()
-
-
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
 def test_shards_are_disjoint_and_cover_the_jobs(n):
     jobs = [Subject(f"s{i:02d}", Path(f"s{i:02d}.nii.gz")) for i in (7, 3, 0, 5, 1, 2, 6, 4)]
@@ -36,7 +24,7 @@ def test_shards_are_disjoint_and_cover_the_jobs(n):
     assert shards == [[s.subject for s in select_shard(list(reversed(jobs)), (k, n))] for k in range(n)]  # order-free
 
 
-def test_cli_shards_split_a_folder(tiny_model, tmp_path):
+def test_cli_shards_split_a_folder(tiny_model, tmp_path, write_brain):
     from typer.testing import CliRunner
 
     from synth7t.cli import app
@@ -56,7 +44,7 @@ def test_cli_shards_split_a_folder(tiny_model, tmp_path):
     assert bad.exit_code == 2 and "need 1 <= K <= N" in bad.output
 
 
-def test_pipelined_outputs_equal_sequential_and_failures_stay_per_scan(tiny_model, tmp_path, caplog):
+def test_pipelined_outputs_equal_sequential_and_failures_stay_per_scan(tiny_model, tmp_path, caplog, write_brain):
     """Skull strip (threshold) and resampling run in a worker process for --workers 1; the outputs must be the
     same bytes as with everything in this process. A scan with a NaN fails in the worker; the others finish."""
     inputs = [write_brain(tmp_path / "in", f"b{i}.nii.gz", shape=(22 + 2 * i, 26, 18)) for i in range(3)]
