@@ -25,6 +25,10 @@ training recipe, an option, or the default). Options (``skullstrip``, ``n4``, ``
 training recipe, with a logged warning when they differ from it. Every output volume's affine is that of the
 resampled canonical grid, which covers the same world space as the input: the output overlays the input in any
 viewer.
+
+Cohorts (:func:`predict`): the jobs can be a shard of the list (``shard``); steps 1-4 of the next scans run in
+worker processes while the network predicts the current one (:mod:`synth7t.prefetch`); with ``bids``, inputs and
+outputs follow BIDS and BIDS derivatives (:mod:`synth7t.bids`).
 """
 
 from __future__ import annotations
