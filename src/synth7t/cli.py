@@ -261,8 +261,26 @@ def train(
 @user_errors
 def predict(
     model: Annotated[Path, typer.Argument(help="Model folder written by `synth7t train`.")],
-    inputs: Annotated[list[Path], typer.Argument(help="3T scans (files), folders of scans, or a manifest CSV/TSV.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: one sub-folder per input.")],
+    inputs: Annotated[list[Path] | None, typer.Argument(help="3T scans (files), folders of scans, or a manifest "
+                                                     "CSV/TSV (or none, with --bids).", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: one sub-folder per input; with --bids, "
+                                      "a BIDS derivatives dataset (e.g. BIDS_DIR/derivatives/synth7t).")] = ...,
+    bids: Annotated[Path | None, typer.Option("--bids", help="Predict every T1w (*_T1w.nii or .nii.gz in "
+                                              "sub-*/anat or sub-*/ses-*/anat) "
+                                              "of this BIDS dataset; covariates from its participants.tsv; outputs "
+                                              "named as BIDS derivatives (desc-synth7T_T1w, desc-brain_mask).",
+                                              show_default=False)] = None,
+    participant_label: Annotated[list[str] | None, typer.Option(help="With --bids: only this participant (01 or "
+                                                                "sub-01); repeatable.", show_default=False)] = None,
+    session: Annotated[list[str] | None, typer.Option(help="With --bids: only this session (1 or ses-1); "
+                                                      "repeatable.", show_default=False)] = None,
+    shard: Annotated[str | None, typer.Option(help="K/N: predict only the K-th (1..N) of N disjoint subsets of the "
+                                              "scans sorted by name (SLURM: --array=1-N, --shard "
+                                              "${SLURM_ARRAY_TASK_ID}/N).", show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes preprocessing the next scans while the network "
+                                                "predicts the current one (0: all in this process; default: 1 on "
+                                                "CPU, up to 4 on a GPU, 0 for a single scan).",
+                                                show_default=False)] = None,
     preprocessed: Annotated[bool, typer.Option(help="Inputs are bias-corrected, skull-stripped brains.")] = False,
     age: Annotated[float | None, typer.Option(help="Age in years (for all inputs; a manifest gives its own).")] = None,
     sex: Annotated[str | None, typer.Option(help="F or M.")] = None,
@@ -289,15 +307,31 @@ def predict(
     Unless --preprocessed, inputs are bias-corrected, skull-stripped and resampled as the model's training data
     were (config.json "preprocessing"); --skullstrip, --n4 and --voxel-size override that with a warning when
     they differ. provenance.json records each step and where its setting came from.
+
+    With --bids BIDS_DIR, every T1w of a BIDS dataset is predicted into the BIDS derivatives dataset OUT
+    (sub-X/anat or sub-X/ses-Y/anat: ..._desc-synth7T_T1w.nii.gz, a brain mask and JSON sidecars).
+    --shard K/N splits a cohort for a cluster array; finished scans are skipped on reruns.
     """
+    from synth7t.errors import ConfigError
     from synth7t.inference import PredictOptions
     from synth7t.inference import predict as predict_fn
 
+    if bool(inputs) == (bids is not None):
+        raise ConfigError("give input scans/folders/manifests or --bids BIDS_DIR (one of the two)")
+    if bids is None and (participant_label or session):
+        raise ConfigError("--participant-label and --session need --bids")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers {workers}: expected 0 or more")
+    query = None
+    if bids is not None:
+        from synth7t.bids import BidsQuery
+
+        query = BidsQuery(bids, participant_label or [], session or [])
     opts = PredictOptions(preprocessed=preprocessed, age=age, sex=sex, diagnosis=diagnosis, tta=tta,
                           rescale=rescale, resample_to_input=resample_to_input, overwrite=overwrite,
                           device=device, batch_size=batch_size, skullstrip=skullstrip, precision=precision,
-                          n4=n4, voxel_size_mm=voxel_size)
-    result = predict_fn(model, inputs, out, opts)
+                          n4=n4, voxel_size_mm=voxel_size, shard=_parse_shard(shard), workers=workers)
+    result = predict_fn(model, inputs, out, opts, bids=query)
     typer.echo(result.summary())
     if qc:
         qc_page(out)

@@ -25,6 +25,10 @@ training recipe, an option, or the default). Options (``skullstrip``, ``n4``, ``
 training recipe, with a logged warning when they differ from it. Every output volume's affine is that of the
 resampled canonical grid, which covers the same world space as the input: the output overlays the input in any
 viewer.
+
+Cohorts (:func:`predict`): the jobs can be a shard of the list (``shard``); steps 1-4 of the next scans run in
+worker processes while the network predicts the current one (:mod:`synth7t.prefetch`); with ``bids``, inputs and
+outputs follow BIDS and BIDS derivatives (:mod:`synth7t.bids`).
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class PredictOptions:
     skullstrip: str | None = None  # None: what the model's training used
     n4: str | None = None  # 3T N4 preset (3t, 7t, demo) or "none"; None: what the model's training used
     voxel_size_mm: float | None = None  # None: the model's training grid
+    shard: tuple[int, int] | None = None  # (k, n), 0 <= k < n: every n-th of the jobs sorted by name, from k
+    workers: int | None = None  # preprocessing processes ahead of the network; 0: inline; None: automatic
+
+
+RUN_TIME_OPTIONS = ("shard", "workers")  # how a cohort runs, never what an output holds: not in provenance
 
 
 @dataclass
@@ -79,6 +88,16 @@ class PredictResult:
 
 # ---------------------------------------------------------------------------------------------------------
 # the model
+
+
+@dataclass(frozen=True)
+class PrepSpec:
+    """What preprocessing needs to know of a model (small and picklable: sent to preprocessing workers)."""
+
+    multiple: int
+    lower_pct: float
+    upper_pct: float
+    voxel_mm: tuple[float, float, float]
 
 
 class Predictor:
@@ -105,6 +124,10 @@ class Predictor:
             raise InputError(f"{model_dir}: unknown input_standardization {std.get('method')!r} in config.json")
         self.reference_quantiles = (np.asarray(std["reference_quantiles"], np.float64)
                                     if std.get("method") == "histmatch" else None)
+
+    @property
+    def prep_spec(self) -> PrepSpec:
+        return PrepSpec(self.multiple, self.lower_pct, self.upper_pct, self.voxel_mm)
 
     def _dtype(self, precision: str) -> torch.dtype | None:
         if precision not in ("auto", "32", "bf16"):
@@ -239,10 +262,11 @@ def resolve_steps(predictor: Predictor, opts: PredictOptions) -> tuple[dict, lis
     return steps, warnings
 
 
-def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skullstrip: str,
+def prepare_input(vol: Volume, predictor: Predictor | PrepSpec, *, preprocessed: bool, skullstrip: str,
                   n4_preset: str | dict = "3t", voxel_mm: tuple[float, float, float] | None = None) -> dict:
     """Canonical 3T volume -> brain on the model's grid (``voxel_mm``, default the model's), its mask, the crop
-    geometry and the normalized stack. ``n4_preset``: a preset name, N4 parameters, or ``"none"``."""
+    geometry and the normalized stack. ``n4_preset``: a preset name, N4 parameters, or ``"none"``.
+    ``predictor``: the model, or its :class:`PrepSpec` (in a preprocessing worker)."""
     from synth7t.dataset.cropnorm import clipped_minmax, crop_box, crop_pad
     from synth7t.preprocess.register import resample_to
 
@@ -279,17 +303,36 @@ def prepare_input(vol: Volume, predictor: Predictor, *, preprocessed: bool, skul
             "mask_stack": mstack, "limits": limits, "timings": timings}
 
 
+def prepare_scan(scan: Volume | str | Path, spec: PrepSpec, steps: dict, *, preprocessed: bool,
+                 keep_input: bool = True) -> dict:
+    """The CPU half of a prediction, the same inline or in a preprocessing worker (:mod:`synth7t.prefetch`):
+    load ``scan`` (a path) or take it loaded, reorient it to canonical and :func:`prepare_input` it with the
+    resolved ``steps``. ``keep_input``: keep the canonical input (for ``resample_to_input``)."""
+    t0 = time.perf_counter()
+    vol = scan if isinstance(scan, Volume) else load_volume(scan)
+    canonical, info = to_canonical(vol)
+    load_s = time.perf_counter() - t0
+    prep = prepare_input(canonical, spec, preprocessed=preprocessed, skullstrip=steps["skullstrip"]["value"],
+                         n4_preset=steps["n4"]["value"], voxel_mm=tuple(steps["voxel_size_mm"]["value"]))
+    prep["timings"] = {"load": load_s, **prep["timings"]}
+    prep["reorientation"], prep["canonical"], prep["steps"] = info, canonical if keep_input else None, steps
+    return prep
+
+
 def predict_volume(predictor: Predictor, vol: Volume, opts: PredictOptions, *, covariates: dict | None = None) -> dict:
     """Predict one loaded scan; returns Volumes ``syn7t``, ``mask`` (and ``uncertainty``) plus bookkeeping."""
+    steps, _ = resolve_steps(predictor, opts)
+    prep = prepare_scan(vol, predictor.prep_spec, steps, preprocessed=opts.preprocessed)
+    return finish_prediction(predictor, prep, opts, covariates=covariates)
+
+
+def finish_prediction(predictor: Predictor, prep: dict, opts: PredictOptions, *,
+                      covariates: dict | None = None) -> dict:
+    """The network half of a prediction: a :func:`prepare_scan` result -> the outputs of :func:`predict_volume`."""
     from synth7t.dataset.cropnorm import denormalize, uncrop
     from synth7t.manifest import diagnosis_group
 
     cov = covariates or {}
-    canonical, info = to_canonical(vol)
-    steps, _ = resolve_steps(predictor, opts)
-    prep = prepare_input(canonical, predictor, preprocessed=opts.preprocessed,
-                         skullstrip=steps["skullstrip"]["value"], n4_preset=steps["n4"]["value"],
-                         voxel_mm=tuple(steps["voxel_size_mm"]["value"]))
     t0 = time.perf_counter()
     pred, unc = predictor.predict_stack(prep["stack"], age=cov.get("age"), sex=cov.get("sex"),
                                         group=diagnosis_group(cov.get("diagnosis")), batch_size=opts.batch_size,
@@ -300,8 +343,9 @@ def predict_volume(predictor: Predictor, vol: Volume, opts: PredictOptions, *, c
         pred = np.where(prep["mask_stack"] > 0, denormalize(pred, prep["limits"]), 0.0)
     grid = prep["brain"]
     out = {"syn7t": grid.with_data(uncrop(pred.astype(np.float32), prep["geometry"])), "mask": prep["mask"],
-           "limits": prep["limits"], "timings": prep["timings"], "reorientation": info, "canonical": canonical,
-           "steps": steps, "input": prep["brain"]}  # input: the preprocessed input on the output grid
+           "limits": prep["limits"], "timings": prep["timings"], "reorientation": prep["reorientation"],
+           "canonical": prep["canonical"], "steps": prep["steps"],
+           "input": prep["brain"]}  # input: the preprocessed input on the output grid (QC thumbnails)
     if unc is not None:
         out["uncertainty"] = grid.with_data(uncrop((unc * (prep["mask_stack"] > 0)).astype(np.float32),
                                                    prep["geometry"]))
@@ -322,13 +366,9 @@ def on_input_grid(pred: Volume, canonical: Volume, info) -> Volume:
 
 def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Subject]:
     """Files, folders of NIfTI files, or manifests (CSV/TSV with per-scan covariates) -> jobs."""
-    from synth7t.manifest import parse_age, parse_diagnosis, parse_sex, read_manifest
+    from synth7t.manifest import read_manifest
 
-    try:
-        age, sex, diagnosis = parse_age(None if opts.age is None else str(opts.age)), parse_sex(opts.sex), \
-            parse_diagnosis(opts.diagnosis)
-    except ValueError as exc:
-        raise InputError(f"covariates: {exc}") from None
+    age, sex, diagnosis = option_covariates(opts).values()
     jobs: list[Subject] = []
     for item in inputs:
         p = Path(item)
@@ -350,6 +390,17 @@ def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Subje
     return jobs
 
 
+def option_covariates(opts: PredictOptions) -> dict:
+    """``{"age", "sex", "diagnosis"}`` given as options (for every input that does not give its own), parsed."""
+    from synth7t.manifest import parse_age, parse_diagnosis, parse_sex
+
+    try:
+        return {"age": parse_age(None if opts.age is None else str(opts.age)), "sex": parse_sex(opts.sex),
+                "diagnosis": parse_diagnosis(opts.diagnosis)}
+    except ValueError as exc:
+        raise InputError(f"covariates: {exc}") from None
+
+
 def _stem(p: Path) -> str:
     name = p.name
     for suffix in (".nii.gz", ".nii", ".mgz"):
@@ -358,14 +409,52 @@ def _stem(p: Path) -> str:
     return p.stem
 
 
-def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path, out: str | Path,
-            opts: PredictOptions | None = None, *, progress: bool = True) -> PredictResult:
-    """Predict every input into ``out/<name>/``; one failing input does not stop the others."""
+class PlainLayout:
+    """Outputs of plain inputs: ``OUT/<name>/syn7t.nii.gz``, ``mask.nii.gz``, ...; ``provenance.json`` last."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+
+    def begin(self, predictor: Predictor, opts: PredictOptions) -> None:
+        """Nothing to write before the first scan."""
+
+    def paths(self, job: Subject) -> dict[str, Path]:
+        dest = self.out / job.subject
+        return {"folder": dest, "syn7t": dest / OUTPUT_NAME, "mask": dest / "mask.nii.gz",
+                "uncertainty": dest / "uncertainty.nii.gz", "on_input_grid": dest / "syn7t_on_input_grid.nii.gz",
+                "record": dest / "provenance.json"}
+
+    def complete(self, job: Subject) -> bool:
+        paths = self.paths(job)
+        return paths["syn7t"].exists() and paths["record"].exists()
+
+    def record(self, job: Subject, prov: dict, written: dict[str, Path]) -> None:
+        write_json(self.paths(job)["record"], prov)
+
+
+def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path | None, out: str | Path,
+            opts: PredictOptions | None = None, *, progress: bool = True, bids=None) -> PredictResult:
+    """Predict every input into ``out/<name>/`` (or, with ``bids``, a :class:`synth7t.bids.BidsQuery`, every T1w
+    of a BIDS dataset into the BIDS derivatives dataset ``out``); one failing input does not stop the others.
+
+    With ``opts.shard = (k, n)`` only every n-th job (sorted by name) from the k-th is predicted. Scans are
+    preprocessed ahead of the network in ``opts.workers`` processes (:mod:`synth7t.prefetch`).
+    """
+    from synth7t.prefetch import default_workers, prefetched
+    from synth7t.preprocess.pipeline import select_shard
     from synth7t.progress import progress_bar
 
     opts = opts or PredictOptions()
-    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    jobs = collect_inputs(inputs, opts)
+    if bids is not None:
+        from synth7t.bids import BidsLayout, collect_bids
+
+        jobs, layout = collect_bids(bids, opts), BidsLayout(bids.root, out)
+    else:
+        inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs or [])
+        jobs, layout = collect_inputs(inputs, opts), PlainLayout(out)
+    if opts.shard is not None:
+        jobs = select_shard(jobs, opts.shard)
+        log.info("shard %d/%d: %d scan(s)", opts.shard[0] + 1, opts.shard[1], len(jobs))
     predictor = Predictor(model_dir, opts.device, opts.precision)
     steps, warnings = resolve_steps(predictor, opts)
     if opts.n4 is not None and opts.n4 != "none":
@@ -375,50 +464,69 @@ def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path, out: s
     for w in warnings:
         log.warning("%s", w)
     log.info("preprocessing: %s", ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in steps.items()))
-    out = Path(out)
-    result = PredictResult()
-    for job in progress_bar(jobs, "predict", enabled=progress and len(jobs) > 1):
-        dest = out / job.subject
-        if (dest / OUTPUT_NAME).exists() and (dest / "provenance.json").exists() and not opts.overwrite:
-            result.skipped.append(dest)
+    layout.begin(predictor, opts)
+    result, todo = PredictResult(), []
+    for job in jobs:
+        if layout.complete(job) and not opts.overwrite:
+            paths = layout.paths(job)
+            result.skipped.append(paths.get("folder", paths["syn7t"]))
             log.info("%s: output exists, skipped (use --overwrite to redo)", job.subject)
-            continue
+        else:
+            todo.append(job)
+    workers = default_workers(len(todo), predictor.device.type) if opts.workers is None else opts.workers
+    ahead = prefetched(todo, predictor.prep_spec, steps, preprocessed=opts.preprocessed,
+                       keep_input=opts.resample_to_input, workers=workers, device_type=predictor.device.type)
+    for job, prep, error in progress_bar(ahead, "predict", enabled=progress and len(todo) > 1, total=len(todo)):
         t0 = time.perf_counter()
         try:
-            _predict_job(predictor, job, dest, opts)
-        except Synth7tError as exc:
-            result.failed[str(job.t3)] = str(exc)
-            log.error("%s", exc)
-            continue
+            if error is not None:
+                raise _PreparationFailed(error)
+            main = _predict_job(predictor, job, layout, opts, prep)
         except Exception as exc:  # one bad scan must not stop a cohort; the reason is kept
-            result.failed[str(job.t3)] = f"{type(exc).__name__}: {exc}"
-            log.exception("%s: failed", job.t3)
+            result.failed[str(job.t3)] = failure_message(exc)
+            if isinstance(exc, Synth7tError):
+                log.error("%s", exc)
+            else:
+                log.exception("%s: failed", job.t3)
             continue
-        result.done.append(dest / OUTPUT_NAME)
-        result.seconds[job.subject] = time.perf_counter() - t0
-        log.info("%s: done in %.1f s -> %s", job.subject, result.seconds[job.subject], dest / OUTPUT_NAME)
+        result.done.append(main)
+        result.seconds[job.subject] = sum(prep["timings"].values()) - prep["timings"]["network"] \
+            + time.perf_counter() - t0
+        log.info("%s: done in %.1f s -> %s", job.subject, result.seconds[job.subject], main)
     return result
 
 
-def _predict_job(predictor: Predictor, job: Subject, dest: Path, opts: PredictOptions) -> None:
-    vol = load_volume(job.t3)
-    if dest.resolve() == job.t3.resolve().parent and (dest / OUTPUT_NAME).resolve() == job.t3.resolve():
+class _PreparationFailed(Synth7tError):
+    """Loading or preprocessing a scan failed (inline or in a worker); the message is already formatted."""
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for a failed scan: a user error's message, else the exception's type and first line."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text if isinstance(exc, Synth7tError) else f"{type(exc).__name__}: {text}"
+
+
+def _predict_job(predictor: Predictor, job: Subject, layout, opts: PredictOptions, prep: dict) -> Path:
+    paths = layout.paths(job)
+    if paths["syn7t"].resolve() == job.t3.resolve():
         raise InputError(f"{job.t3}: output would overwrite the input")
-    res = predict_volume(predictor, vol, opts, covariates={"age": job.age, "sex": job.sex, "diagnosis": job.diagnosis})
+    res = finish_prediction(predictor, prep, opts, covariates={"age": job.age, "sex": job.sex,
+                                                               "diagnosis": job.diagnosis})
     written = {}
     inputs = (job.t3,)
-    written["syn7t"] = save_volume(dest / OUTPUT_NAME, res["syn7t"], inputs=inputs)
-    written["mask"] = save_volume(dest / "mask.nii.gz", res["mask"], dtype=np.uint8, inputs=inputs)
+    written["syn7t"] = save_volume(paths["syn7t"], res["syn7t"], inputs=inputs)
+    written["mask"] = save_volume(paths["mask"], res["mask"], dtype=np.uint8, inputs=inputs)
     if "uncertainty" in res:
-        written["uncertainty"] = save_volume(dest / "uncertainty.nii.gz", res["uncertainty"], inputs=inputs)
+        written["uncertainty"] = save_volume(paths["uncertainty"], res["uncertainty"], inputs=inputs)
     if opts.resample_to_input:
-        written["on_input_grid"] = save_volume(dest / "syn7t_on_input_grid.nii.gz",
+        written["on_input_grid"] = save_volume(paths["on_input_grid"],
                                                on_input_grid(res["syn7t"], res["canonical"], res["reorientation"]),
                                                inputs=inputs)
     from synth7t.cohortqc.thumbs import save_prediction_thumbnails  # for `synth7t qc`: input vs output
 
     save_prediction_thumbnails(written["syn7t"], res)
-    write_json(dest / "provenance.json", provenance(predictor, job, opts, res, written))
+    layout.record(job, provenance(predictor, job, opts, res, written), written)  # last: marks the scan done
+    return written["syn7t"]
 
 
 def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: dict, written: dict) -> dict:
@@ -437,7 +545,8 @@ def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: di
         "voxel_size_mm": list(res["steps"]["voxel_size_mm"]["value"]),
         "preprocessing": res["steps"],
         "training_preprocessing": predictor.config.get("preprocessing") or {},
-        "parameters": {k: v for k, v in vars(opts).items() if k not in ("age", "sex", "diagnosis")},
+        "parameters": {k: v for k, v in vars(opts).items()
+                       if k not in ("age", "sex", "diagnosis", *RUN_TIME_OPTIONS)},
         "covariates_given": {k: getattr(job, k) is not None for k in ("age", "sex", "diagnosis")},
         "device": str(predictor.device),
         "timings_s": {k: round(v, 2) for k, v in res["timings"].items()},

@@ -1,0 +1,120 @@
+"""Preprocessing ahead of the network: the CPU half of a prediction of the next scans runs in worker processes.
+
+While the network predicts scan *i* in the main process, ``workers`` processes (``spawn`` context, safe with torch)
+load, reorient, bias-correct, skull-strip and resample scans *i+1, i+2, ...* with
+:func:`synth7t.inference.prepare_scan`, the very function the main process runs itself with ``workers=0``: one code
+path, so a pipelined prediction equals a sequential one bit for bit where preprocessing does not depend on the
+thread count (ITK's N4 does, at float rounding: 3e-7 relative between 1 and 2 threads). At most ``workers + 1``
+scans are in flight, so memory stays bounded however long the cohort. Results come back in job order. A scan whose
+preprocessing fails (in a worker or inline) is reported with its one-line reason and the others go on; a worker
+that dies (out of memory, killed) fails the scan it was given first and a fresh pool takes over the rest.
+
+Worker threads: each worker gets ``(usable cores - threads of the main process) / workers`` threads (at least one)
+for torch, OpenMP and ITK, set in the pool's initializer, so that workers do not fight the network for cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+MAX_AUTO_WORKERS = 4
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(n_jobs: int, device_type: str) -> int:
+    """Workers when the user does not say: none for fewer than two scans (a worker's start-up would not pay);
+    one on a CPU (the network already uses the cores; one worker hides the preprocessing's serial parts); on a
+    GPU, where the network waits for the CPU, up to one per two spare cores, at most ``MAX_AUTO_WORKERS``."""
+    if n_jobs < 2:
+        return 0
+    if device_type == "cpu":
+        return 1
+    return max(1, min(MAX_AUTO_WORKERS, (usable_cores() - 1) // 2, n_jobs))
+
+
+def worker_threads(workers: int, device_type: str) -> int:
+    """Threads per worker: the cores the main process leaves free, shared out; at least one."""
+    if workers <= 0:
+        return 0
+    if device_type == "cpu":
+        import torch
+
+        main = torch.get_num_threads()
+    else:
+        main = 1
+    return max(1, (usable_cores() - main) // workers)
+
+
+def _prepare(path: Path, spec, steps: dict, preprocessed: bool, keep_input: bool) -> tuple[dict | None, str | None]:
+    """Run :func:`synth7t.inference.prepare_scan`; never raises: ``(prep, None)`` or ``(None, one-line reason)``."""
+    from synth7t.errors import Synth7tError
+    from synth7t.inference import failure_message, prepare_scan
+
+    try:
+        return prepare_scan(path, spec, steps, preprocessed=preprocessed, keep_input=keep_input), None
+    except Exception as exc:  # reported per scan; a worker's exception need not be picklable this way
+        if not isinstance(exc, Synth7tError):
+            log.debug("%s: preprocessing failed\n%s", path, traceback.format_exc())
+        return None, failure_message(exc)
+
+
+def prefetched(jobs: list, spec, steps: dict, *, preprocessed: bool, keep_input: bool, workers: int,
+               device_type: str = "cpu") -> Iterator[tuple[object, dict | None, str | None]]:
+    """``(job, prep, None)`` or ``(job, None, reason)`` per job (a :class:`synth7t.manifest.Subject`), in order.
+
+    ``spec``: the model's :class:`synth7t.inference.PrepSpec`; ``steps``: the resolved preprocessing steps;
+    ``device_type``: where the network runs (sets the workers' threads). ``workers=0``: each scan is prepared in
+    this process when the caller asks for it, as before pipelining.
+    """
+    args = (spec, steps, preprocessed, keep_input)
+    if workers <= 0 or not jobs:
+        for job in jobs:
+            yield (job, *_prepare(job.t3, *args))
+        return
+    threads = worker_threads(workers, device_type)
+    log.info("preprocessing in %d worker process(es), %d thread(s) each, ahead of the network", workers, threads)
+    pending = deque(jobs)
+    while pending:
+        yield from _run_pool(pending, args, workers, threads)
+
+
+def _run_pool(pending: deque, args: tuple, workers: int, threads: int) -> Iterator[tuple]:
+    """Drain ``pending`` through one pool; returns early (leaving the rest in ``pending``) when the pool breaks."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from synth7t.preprocess.pipeline import _worker_init
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(threads,))
+    in_flight: deque = deque()
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < workers + 1:  # bounded read-ahead: RAM stays bounded
+                job = pending.popleft()
+                in_flight.append((job, pool.submit(_prepare, job.t3, *args)))
+            job, future = in_flight.popleft()
+            try:
+                prep, error = future.result()
+            except BrokenProcessPool:
+                pending.extendleft(reversed([j for j, _ in in_flight]))
+                yield job, None, "worker process died while preparing this scan (out of memory or killed)"
+                return
+            yield job, prep, error
+    finally:
+        for _, future in in_flight:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
