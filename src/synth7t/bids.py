@@ -165,6 +165,10 @@ class BidsLayout:
             write_text(self.deriv / "README.md", "# synth7t derivatives\n\nSynthetic 7T-like T1w brains predicted "
                        "by synth7t from the T1w scans of the raw dataset (DatasetLinks `raw`); see each output's "
                        "JSON sidecar for its source, model and settings.\n")
+        ignore = self.deriv / ".bidsignore"  # QC thumbnails (synth7t qc) sit where fMRIPrep puts its figures
+        lines = ignore.read_text().splitlines() if ignore.exists() else []
+        if "*/figures" not in lines:
+            write_text(ignore, "\n".join([*lines, "*/figures"]) + "\n")
 
     def paths(self, job: Subject) -> dict[str, Path]:
         rel = Path(job.extra["bids_path"])
