@@ -1,0 +1,211 @@
+"""Many scans: collect the inputs (files, folders, manifests, BIDS), shard them, prefetch their preprocessing in
+workers (:mod:`synth7t.prefetch`), predict each, write its outputs atomically in the plain or BIDS layout with
+provenance last, and keep going when one scan fails."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synth7t import __version__
+from synth7t.errors import InputError, Synth7tError
+from synth7t.inference.predictor import OUTPUT_NAME, RUN_TIME_OPTIONS, PredictOptions, Predictor, PredictResult
+from synth7t.inference.volume import finish_prediction, on_input_grid, resolve_steps
+from synth7t.io import is_nifti_path, save_volume, write_json
+from synth7t.manifest import Subject
+
+log = logging.getLogger(__name__)
+
+
+def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Subject]:
+    """Files, folders of NIfTI files, or manifests (CSV/TSV with per-scan covariates) -> jobs."""
+    from synth7t.manifest import read_manifest
+
+    age, sex, diagnosis = option_covariates(opts).values()
+    jobs: list[Subject] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if is_nifti_path(f))
+            if not files:
+                raise InputError(f"{p}: folder holds no .nii/.nii.gz/.mgz file")
+            jobs += [Subject(_stem(f), f, age=age, sex=sex, diagnosis=diagnosis) for f in files]
+        elif p.suffix.lower() in (".csv", ".tsv"):
+            for s in read_manifest(p):
+                jobs.append(Subject(s.subject, s.t3, age=s.age if s.age is not None else age, sex=s.sex or sex,
+                                    diagnosis=s.diagnosis or diagnosis))
+        else:
+            jobs.append(Subject(_stem(p), p, age=age, sex=sex, diagnosis=diagnosis))
+    names = [j.subject for j in jobs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"several inputs share the output name(s) {', '.join(dupes)}; predict them separately")
+    return jobs
+
+
+def option_covariates(opts: PredictOptions) -> dict:
+    """``{"age", "sex", "diagnosis"}`` given as options (for every input that does not give its own), parsed."""
+    from synth7t.manifest import parse_age, parse_diagnosis, parse_sex
+
+    try:
+        return {"age": parse_age(None if opts.age is None else str(opts.age)), "sex": parse_sex(opts.sex),
+                "diagnosis": parse_diagnosis(opts.diagnosis)}
+    except ValueError as exc:
+        raise InputError(f"covariates: {exc}") from None
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".mgz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return p.stem
+
+
+class PlainLayout:
+    """Outputs of plain inputs: ``OUT/<name>/syn7t.nii.gz``, ``mask.nii.gz``, ...; ``provenance.json`` last."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+
+    def begin(self, predictor: Predictor, opts: PredictOptions) -> None:
+        """Nothing to write before the first scan."""
+
+    def paths(self, job: Subject) -> dict[str, Path]:
+        dest = self.out / job.subject
+        return {"folder": dest, "syn7t": dest / OUTPUT_NAME, "mask": dest / "mask.nii.gz",
+                "uncertainty": dest / "uncertainty.nii.gz", "on_input_grid": dest / "syn7t_on_input_grid.nii.gz",
+                "record": dest / "provenance.json"}
+
+    def complete(self, job: Subject) -> bool:
+        paths = self.paths(job)
+        return paths["syn7t"].exists() and paths["record"].exists()
+
+    def record(self, job: Subject, prov: dict, written: dict[str, Path]) -> None:
+        write_json(self.paths(job)["record"], prov)
+
+
+def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path | None, out: str | Path,
+            opts: PredictOptions | None = None, *, progress: bool = True, bids=None) -> PredictResult:
+    """Predict every input into ``out/<name>/`` (or, with ``bids``, a :class:`synth7t.bids.BidsQuery`, every T1w
+    of a BIDS dataset into the BIDS derivatives dataset ``out``); one failing input does not stop the others.
+
+    With ``opts.shard = (k, n)`` only every n-th job (sorted by name) from the k-th is predicted. Scans are
+    preprocessed ahead of the network in ``opts.workers`` processes (:mod:`synth7t.prefetch`).
+    """
+    from synth7t.prefetch import default_workers, prefetched
+    from synth7t.preprocess.pipeline import select_shard
+    from synth7t.progress import progress_bar
+
+    opts = opts or PredictOptions()
+    if bids is not None:
+        from synth7t.bids import BidsLayout, collect_bids
+
+        jobs, layout = collect_bids(bids, opts), BidsLayout(bids.root, out)
+    else:
+        inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs or [])
+        jobs, layout = collect_inputs(inputs, opts), PlainLayout(out)
+    if opts.shard is not None:
+        jobs = select_shard(jobs, opts.shard)
+        log.info("shard %d/%d: %d scan(s)", opts.shard[0] + 1, opts.shard[1], len(jobs))
+    predictor = Predictor(model_dir, opts.device, opts.precision)
+    steps, warnings = resolve_steps(predictor, opts)
+    if opts.n4 is not None and opts.n4 != "none":
+        from synth7t.preprocess.bias import n4_preset
+
+        n4_preset(opts.n4)  # an unknown preset fails here, once, not once per input
+    for w in warnings:
+        log.warning("%s", w)
+    log.info("preprocessing: %s", ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in steps.items()))
+    layout.begin(predictor, opts)
+    result, todo = PredictResult(), []
+    for job in jobs:
+        if layout.complete(job) and not opts.overwrite:
+            paths = layout.paths(job)
+            result.skipped.append(paths.get("folder", paths["syn7t"]))
+            log.info("%s: output exists, skipped (use --overwrite to redo)", job.subject)
+        else:
+            todo.append(job)
+    workers = default_workers(len(todo), predictor.device.type) if opts.workers is None else opts.workers
+    ahead = prefetched(todo, predictor.prep_spec, steps, preprocessed=opts.preprocessed,
+                       keep_input=opts.resample_to_input, workers=workers, device_type=predictor.device.type)
+    for job, prep, error in progress_bar(ahead, "predict", enabled=progress and len(todo) > 1, total=len(todo)):
+        t0 = time.perf_counter()
+        try:
+            if error is not None:
+                raise _PreparationFailed(error)
+            main = _predict_job(predictor, job, layout, opts, prep)
+        except Exception as exc:  # one bad scan must not stop a cohort; the reason is kept
+            result.failed[str(job.t3)] = failure_message(exc)
+            if isinstance(exc, Synth7tError):
+                log.error("%s", exc)
+            else:
+                log.exception("%s: failed", job.t3)
+            continue
+        result.done.append(main)
+        result.seconds[job.subject] = sum(prep["timings"].values()) - prep["timings"]["network"] \
+            + time.perf_counter() - t0
+        log.info("%s: done in %.1f s -> %s", job.subject, result.seconds[job.subject], main)
+    return result
+
+
+class _PreparationFailed(Synth7tError):
+    """Loading or preprocessing a scan failed (inline or in a worker); the message is already formatted."""
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for a failed scan: a user error's message, else the exception's type and first line."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text if isinstance(exc, Synth7tError) else f"{type(exc).__name__}: {text}"
+
+
+def _predict_job(predictor: Predictor, job: Subject, layout, opts: PredictOptions, prep: dict) -> Path:
+    paths = layout.paths(job)
+    if paths["syn7t"].resolve() == job.t3.resolve():
+        raise InputError(f"{job.t3}: output would overwrite the input")
+    res = finish_prediction(predictor, prep, opts, covariates={"age": job.age, "sex": job.sex,
+                                                               "diagnosis": job.diagnosis})
+    written = {}
+    inputs = (job.t3,)
+    written["syn7t"] = save_volume(paths["syn7t"], res["syn7t"], inputs=inputs)
+    written["mask"] = save_volume(paths["mask"], res["mask"], dtype=np.uint8, inputs=inputs)
+    if "uncertainty" in res:
+        written["uncertainty"] = save_volume(paths["uncertainty"], res["uncertainty"], inputs=inputs)
+    if opts.resample_to_input:
+        written["on_input_grid"] = save_volume(paths["on_input_grid"],
+                                               on_input_grid(res["syn7t"], res["canonical"], res["reorientation"]),
+                                               inputs=inputs)
+    from synth7t.cohortqc.thumbs import save_prediction_thumbnails  # for `synth7t qc`: input vs output
+
+    save_prediction_thumbnails(written["syn7t"], res)
+    layout.record(job, provenance(predictor, job, opts, res, written), written)  # last: marks the scan done
+    return written["syn7t"]
+
+
+def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: dict, written: dict) -> dict:
+    import nibabel
+    import numpy
+
+    return {
+        "synth7t_version": __version__,
+        "input": job.t3.name,  # the file name only: no folder paths (they often hold IDs)
+        "model": {"folder": predictor.model_dir.name, "sha256": predictor.checksum,
+                  "preset": predictor.config.get("preset")},
+        "outputs": {k: Path(v).name for k, v in written.items()},
+        "intensity_units": ("input intensity units (clipped range of the input brain)" if opts.rescale
+                            else "model units: 0 and 1 = the input brain's 1st and 99th percentiles"),
+        "normalization_limits": list(res["limits"]),
+        "voxel_size_mm": list(res["steps"]["voxel_size_mm"]["value"]),
+        "preprocessing": res["steps"],
+        "training_preprocessing": predictor.config.get("preprocessing") or {},
+        "parameters": {k: v for k, v in vars(opts).items()
+                       if k not in ("age", "sex", "diagnosis", *RUN_TIME_OPTIONS)},
+        "covariates_given": {k: getattr(job, k) is not None for k in ("age", "sex", "diagnosis")},
+        "device": str(predictor.device),
+        "timings_s": {k: round(v, 2) for k, v in res["timings"].items()},
+        "versions": {"torch": torch.__version__, "numpy": numpy.__version__, "nibabel": nibabel.__version__},
+    }

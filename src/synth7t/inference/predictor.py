@@ -1,0 +1,174 @@
+"""The model side of prediction: options, results, and :class:`Predictor` (a loaded model on a device that turns
+a normalized slice stack into a synthetic 7T stack, with optional flip test-time augmentation)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synth7t.errors import InputError
+
+log = logging.getLogger(__name__)
+OUTPUT_NAME = "syn7t.nii.gz"
+
+
+@dataclass
+class PredictOptions:
+    preprocessed: bool = False
+    age: float | None = None
+    sex: str | None = None
+    diagnosis: str | None = None
+    tta: bool = False
+    rescale: bool = False
+    resample_to_input: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    batch_size: int | None = None
+    precision: str = "auto"  # auto (bf16 on a GPU that supports it, fp32 on CPU), 32 or bf16
+    skullstrip: str | None = None  # None: what the model's training used
+    n4: str | None = None  # 3T N4 preset (3t, 7t, demo) or "none"; None: what the model's training used
+    voxel_size_mm: float | None = None  # None: the model's training grid
+    shard: tuple[int, int] | None = None  # (k, n), 0 <= k < n: every n-th of the jobs sorted by name, from k
+    workers: int | None = None  # preprocessing processes ahead of the network; 0: inline; None: automatic
+
+
+RUN_TIME_OPTIONS = ("shard", "workers")  # how a cohort runs, never what an output holds: not in provenance
+
+
+@dataclass
+class PredictResult:
+    done: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"predicted {len(self.done)}, skipped {len(self.skipped)} (outputs exist), failed {len(self.failed)}"]
+        lines += [f"  failed: {v}" if v.startswith(f"{k}: ") else f"  failed: {k}: {v}" for k, v in self.failed.items()]
+        return "\n".join(lines)
+
+
+
+@dataclass(frozen=True)
+class PrepSpec:
+    """What preprocessing needs to know of a model (small and picklable: sent to preprocessing workers)."""
+
+    multiple: int
+    lower_pct: float
+    upper_pct: float
+    voxel_mm: tuple[float, float, float]
+
+
+class Predictor:
+    """A loaded model on a device, with its configuration; turns a normalized stack into a prediction."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", precision: str = "auto"):
+        from synth7t.devices import resolve_accelerator
+        from synth7t.model_folder import load_generator_with_digest
+
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(resolve_accelerator(device))
+        self.net, self.config, self.checksum = load_generator_with_digest(model_dir, self.device)
+        if self.device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.dtype = self._dtype(precision)
+        self.n_slices = int(self.config["n_slices"])
+        self.multiple = int(self.config.get("multiple", 2 ** (len(self.config["model"]["channel_mult"]) - 1)))
+        norm = self.config.get("normalization", {})
+        self.lower_pct = float(norm.get("lower_pct", 1.0))
+        self.upper_pct = float(norm.get("upper_pct", 99.0))
+        self.voxel_mm = tuple(float(v) for v in np.broadcast_to(self.config.get("voxel_size_mm", 0.65), (3,)))
+        std = self.config.get("input_standardization") or {"method": "none"}
+        if std.get("method", "none") not in ("none", "histmatch"):
+            raise InputError(f"{model_dir}: unknown input_standardization {std.get('method')!r} in config.json")
+        self.reference_quantiles = (np.asarray(std["reference_quantiles"], np.float64)
+                                    if std.get("method") == "histmatch" else None)
+
+    @property
+    def prep_spec(self) -> PrepSpec:
+        return PrepSpec(self.multiple, self.lower_pct, self.upper_pct, self.voxel_mm)
+
+    def _dtype(self, precision: str) -> torch.dtype | None:
+        if precision not in ("auto", "32", "bf16"):
+            raise InputError(f"precision {precision!r}: expected auto, 32 or bf16")
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return None
+
+    def batch_size(self, hw: tuple[int, int], requested: int | None) -> int:
+        """Slices per forward pass: ``requested``, or what fits in a quarter of the free memory.
+
+        Activation memory per slice is estimated as 4 bytes x H x W x (sum over stages of channels / 4^stage)
+        x 12 (tensors kept per residual block in eval mode, measured order of magnitude).
+        """
+        if requested:
+            return int(requested)
+        ch = self.config["model"]["channels"]
+        mult = self.config["model"]["channel_mult"]
+        per_slice = 4 * hw[0] * hw[1] * sum(ch * m / 4**i for i, m in enumerate(mult)) * 12
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+        else:
+            free = _available_ram()
+        return int(np.clip(free * 0.25 // max(per_slice, 1), 1, 32))
+
+    @torch.inference_mode()
+    def predict_stack(self, stack: np.ndarray, *, age=None, sex=None, group=None, batch_size: int | None = None,
+                      tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(Z, H, W) normalized 3T stack -> (prediction (Z, H, W), uncertainty or None), float32 [0, 1].
+
+        With the model's input standardization, the stack's brain intensities are first mapped onto the training
+        7T distribution (:func:`synth7t.intensity.standardize`), as in training.
+        """
+        from synth7t.dataset.slices import VolumeSlices
+        from synth7t.intensity import standardize
+
+        if self.reference_quantiles is not None:
+            stack = standardize(stack, self.reference_quantiles)
+        bs = self.batch_size(stack.shape[1:], batch_size)
+        while True:
+            try:
+                flips = [False, True] if tta else [False]
+                outs = [self._run(stack, VolumeSlices, bs, age, sex, group, flip) for flip in flips]
+                break
+            except torch.OutOfMemoryError:
+                if bs == 1:
+                    raise
+                bs = max(1, bs // 2)
+                log.warning("out of memory: retrying with %d slices per batch", bs)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if len(outs) == 1:
+            return outs[0], None
+        arr = np.stack(outs)
+        return arr.mean(0), arr.std(0)
+
+    def _run(self, stack, volume_slices, bs, age, sex, group, flip: bool) -> np.ndarray:
+        src = stack[:, ::-1, :] if flip else stack  # flip along H = the R-L axis of the canonical grid
+        out = np.zeros(stack.shape, np.float32)
+        for batch in volume_slices(np.ascontiguousarray(src), self.n_slices, batch_size=bs, age=age, sex=sex,
+                                   group=group):
+            x = torch.from_numpy(batch["input"]).to(self.device)
+            c = torch.from_numpy(batch["context"]).to(self.device)
+            if self.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                y = self.net(x, c)
+            out[batch["slice"]] = y[:, 0].float().clamp(0, 1).cpu().numpy()
+        return out[:, ::-1, :].copy() if flip else out
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
