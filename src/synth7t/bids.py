@@ -69,6 +69,9 @@ class BidsQuery:
         return f" with {' and '.join(parts)}" if parts else ""
 
 
+BIDSIGNORE = ("*/figures", "qc.html", "qc.csv", "qc.json")  # what synth7t qc adds to a derivatives dataset
+
+
 def _label(value: str, entity: str) -> str:
     value = str(value).strip()
     return value[len(entity) + 1:] if value.startswith(f"{entity}-") else value
@@ -165,10 +168,12 @@ class BidsLayout:
             write_text(self.deriv / "README.md", "# synth7t derivatives\n\nSynthetic 7T-like T1w brains predicted "
                        "by synth7t from the T1w scans of the raw dataset (DatasetLinks `raw`); see each output's "
                        "JSON sidecar for its source, model and settings.\n")
-        ignore = self.deriv / ".bidsignore"  # QC thumbnails (synth7t qc) sit where fMRIPrep puts its figures
+        # synth7t qc's thumbnails sit where fMRIPrep puts its figures, its page and tables at the root
+        ignore = self.deriv / ".bidsignore"
         lines = ignore.read_text().splitlines() if ignore.exists() else []
-        if "*/figures" not in lines:
-            write_text(ignore, "\n".join([*lines, "*/figures"]) + "\n")
+        missing = [p for p in BIDSIGNORE if p not in lines]
+        if missing:
+            write_text(ignore, "\n".join([*lines, *missing]) + "\n")
 
     def paths(self, job: Subject) -> dict[str, Path]:
         rel = Path(job.extra["bids_path"])

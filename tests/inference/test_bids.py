@@ -75,6 +75,10 @@ def test_bids_derivatives_are_valid_and_resume(raw, tiny_model, tmp_path):
     assert mask["Type"] == "Brain" and mask["Sources"] == main["Sources"]
     text = " ".join(p.read_text() for p in deriv.rglob("*.json"))
     assert str(tmp_path) not in text and "71" not in text  # no absolute paths; covariate values stay out
+    from synth7t.cohortqc import build_qc
+
+    build_qc(deriv)  # the cohort QC page at the root, its thumbnails in sub-*/figures: still a valid dataset
+    assert (deriv / "qc.html").is_file()
     _validate(deriv)
     again = predict(tiny_model, None, deriv, opts, progress=False, bids=BidsQuery(raw))
     assert len(again.skipped) == 3 and not again.done
