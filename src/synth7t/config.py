@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from synth7t.dataset.augment import AugmentConfig
 from synth7t.errors import ConfigError
+from synth7t.intensity import NYUL_PERCENTILES
 from synth7t.nn.config import CriticConfig, UNetConfig
 
 PRESETS = ("unc", "biofinder", "gan", "tiny")
@@ -36,15 +37,35 @@ class DataConfig(_Strict):
     ``standardize``: ``histmatch`` maps each 3T input's brain intensities onto the training split's mean 7T
     histogram before the network (:func:`synth7t.intensity.standardize`; the reference is stored in the model
     folder and applied by ``predict``), so that the network learns detail rather than one scanner's contrast;
-    ``none`` feeds the clipped min-max 3T as the thesis did.
+    ``nyul``: Nyúl-Udupa histogram standardization learned on the training split's 3T inputs: each input's brain
+    landmarks (the percentiles ``nyul_percentiles``) are mapped piecewise linearly onto the mean standard
+    landmarks of the training subjects (:func:`synth7t.intensity.nyul_standard`; stored in the model folder and
+    applied by ``predict`` and ``evaluate`` as in training). Unlike ``histmatch`` it keeps each input's 3T
+    contrast between landmarks and uses no 7T. ``none`` feeds the clipped min-max 3T as the thesis did.
+    ``match_target_to_input`` (the thesis' "7T histogram matched to its 3T"): in training each subject's 7T
+    target brain is histogram-matched (quantile map, :func:`synth7t.intensity.quantile_map`) to its own 3T input
+    brain as the network sees it (after ``standardize``), so the network learns detail, not contrast. The model
+    folder records it (``config.json`` ``target_matched_to_input``, and the model card): such a model's output
+    is in the contrast of its (standardized) input, not 7T contrast; ``predict`` needs nothing else. ``evaluate``
+    keeps the real 7T as the reference, so such a model is expected to lose on intensity-sensitive metrics
+    (PSNR) against the histogram-matching baselines: compare it by its gain over its own input's contrast.
     """
 
     batch_size: int = Field(16, ge=1)
     patch: int | None = Field(None, ge=8)
     patch_offsets: bool = False
     num_workers: int = Field(2, ge=0)
-    standardize: Literal["none", "histmatch"] = "none"
+    standardize: Literal["none", "histmatch", "nyul"] = "none"
+    nyul_percentiles: tuple[float, ...] = NYUL_PERCENTILES
+    match_target_to_input: bool = False
     augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _percentiles_increase(self) -> DataConfig:
+        p = self.nyul_percentiles
+        if len(p) < 2 or any(b <= a for a, b in zip(p, p[1:], strict=False)) or p[0] < 0 or p[-1] > 100:
+            raise ValueError(f"data.nyul_percentiles {list(p)}: need >= 2 strictly increasing values in [0, 100]")
+        return self
 
 
 class OptimConfig(_Strict):

@@ -8,9 +8,10 @@
   kernel); anonymous memory does not grow with the store or the epoch.
 * :class:`SliceDataset` indexes the valid slices of one split; ``dataset[i]`` is the sample of
   ``docs/data-layout.md`` (numpy float32 arrays; torch's default collate makes tensors of them; with
-  ``standardize``, the 3T input mapped onto a reference distribution, :func:`synth7t.intensity.standardize`) plus
-  ``"augment"`` (JSON string of the augmentation records, ``"[]"`` without augmentation). Subjects without
-  a 7T (split ``"predict"``) give samples without ``"target"``.
+  ``standardize``, the 3T input standardized as the model folder's ``input_standardization`` record says,
+  :func:`synth7t.intensity.standardize_input`; with ``match_target``, the 7T target's brain histogram-matched to
+  that input's) plus ``"augment"`` (JSON string of the augmentation records, ``"[]"`` without augmentation).
+  Subjects without a 7T (split ``"predict"``) give samples without ``"target"``.
 * :class:`VolumeSlices` yields the 2.5D inputs of a whole ``(Z, H, W)`` stack in batches (inference).
 
 Edge slices: a neighbour outside the stack is replaced by the nearest edge slice (index clamped to
@@ -33,7 +34,15 @@ from synth7t.dataset.cropnorm import CropGeometry
 from synth7t.dataset.gmm import GMMFit
 from synth7t.dataset.pack import KINDS, PREDICT_SPLIT, SPLITS, read_store_meta
 from synth7t.errors import InputError
-from synth7t.intensity import quantile_table, standardize
+from synth7t.intensity import (
+    nyul_landmarks,
+    nyul_standard,
+    quantile_table,
+    quantiles,
+    standardization_table,
+    standardize,
+    standardize_input,
+)
 
 
 def neighbour_indices(z: int | np.ndarray, n_slices: int, depth: int) -> np.ndarray:
@@ -145,15 +154,29 @@ class SliceStore:
     def valid_slices(self, subject: str) -> np.ndarray:
         return np.asarray(self.info(subject)["valid_slices"], dtype=np.int64)
 
-    def brain_quantiles(self, subject: str, kind: str = "t3") -> np.ndarray:
-        """Quantile function (:data:`synth7t.intensity.QUANTILE_LEVELS`) of the non-zero brain values of
-        ``kind`` on the subject's valid slices (normalized units). Reads that subject's stack once."""
-        from synth7t.intensity import quantiles
-
+    def brain_values(self, subject: str, kind: str = "t3", *, whole: bool = False) -> np.ndarray:
+        """The non-zero brain values of ``kind`` (normalized units, float32): inside the mask on the subject's
+        valid slices, or (``whole``) every non-zero voxel of the whole stack, as ``predict`` and ``evaluate``
+        see it (the store zeroes everything outside the brain mask)."""
+        if whole:
+            x = np.asarray(self.array(subject, kind), np.float32)
+            return x[x > 0]
         z = self.valid_slices(subject)
         x = np.asarray(self.array(subject, kind)[z], np.float32)
         m = np.asarray(self.array(subject, "mask")[z]) > 0
-        return quantiles(x[m & (x > 0)])
+        return x[m & (x > 0)]
+
+    def brain_quantiles(self, subject: str, kind: str = "t3") -> np.ndarray:
+        """Quantile function (:data:`synth7t.intensity.QUANTILE_LEVELS`) of the non-zero brain values of
+        ``kind`` on the subject's valid slices (normalized units). Reads that subject's stack once."""
+        return quantiles(self.brain_values(subject, kind))
+
+    def standard_landmarks(self, split: str, percentiles) -> np.ndarray | None:
+        """Nyúl standard landmarks learned from the 3T inputs of ``split`` only (each whole stack's non-zero
+        voxels, as ``predict`` sees a stack; :func:`synth7t.intensity.nyul_standard`). None for an empty split."""
+        marks = [nyul_landmarks(self.brain_values(s, "t3", whole=True), percentiles)
+                 for s in self.split_subjects(split)]
+        return nyul_standard(marks) if marks else None
 
     def target_quantiles(self, split: str = "train") -> np.ndarray | None:
         """Quantile function of the mean 7T brain histogram of ``split`` (valid slices, every subject weighing the
@@ -192,11 +215,16 @@ class SliceDataset:
         n_slices: int = 3,
         augment: Augmenter | None = None,
         seed: int | None = 0,
-        standardize: np.ndarray | None = None,
+        standardize: dict | np.ndarray | None = None,
+        match_target: bool = False,
     ):
         self.store = store if isinstance(store, SliceStore) else SliceStore(store)
-        self.standardize = None if standardize is None else np.asarray(standardize, np.float64)
-        self._tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per subject: its 3T -> reference map
+        if standardize is not None and not isinstance(standardize, dict):  # reference quantiles: histmatch
+            standardize = {"method": "histmatch", "reference_quantiles": np.asarray(standardize, np.float64)}
+        self.standardize = None if (standardize or {}).get("method", "none") == "none" else standardize
+        self.match_target = bool(match_target)
+        self._tables: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # per subject: its 3T input map
+        self._target_tables: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # per subject: its 7T -> 3T
         neighbour_indices(0, n_slices, 1)  # validates n_slices
         self.split = split
         self.n_slices = n_slices
@@ -231,9 +259,7 @@ class SliceDataset:
         zs = neighbour_indices(z, self.n_slices, t3.shape[0])
         x = np.asarray(t3[zs], dtype=np.float32)  # (S, H, W): reads S slices only
         if self.standardize is not None:
-            if name not in self._tables:
-                self._tables[name] = quantile_table(self.store.brain_quantiles(name, "t3"), self.standardize)
-            x = standardize(x, table=self._tables[name])
+            x = standardize_input(x, self.standardize, table=self._input_table(name))
         sample = {
             "input": x,
             "mask": np.asarray(self.store.array(name, "mask")[z : z + 1], dtype=np.float32),  # (1, H, W)
@@ -244,8 +270,33 @@ class SliceDataset:
         }
         if self.store.info(name).get("has_t7"):
             t7 = self.store.array(name, "t7")
-            sample["target"] = np.asarray(t7[z : z + 1], dtype=np.float32)  # (1, H, W)
+            y = np.asarray(t7[z : z + 1], dtype=np.float32)  # (1, H, W)
+            if self.match_target and (table := self._target_table(name)) is not None:
+                y = standardize(y, table=table)
+            sample["target"] = y
         return sample
+
+    def _input_table(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The subject's input standardization map, built once per process. ``histmatch`` takes the source
+        quantiles on the valid slices (as models trained before ``nyul`` did); ``nyul`` the whole stack's
+        non-zero voxels, exactly what ``predict`` and ``evaluate`` see of a stack."""
+        if name not in self._tables:
+            whole = self.standardize["method"] != "histmatch"
+            self._tables[name] = standardization_table(self.standardize,
+                                                       self.store.brain_values(name, "t3", whole=whole))
+        return self._tables[name]
+
+    def _target_table(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Quantile map of the subject's 7T brain onto its 3T input brain as the network sees it (standardized
+        if the dataset standardizes), on the valid slices inside the mask; None without brain voxels."""
+        if name not in self._target_tables:
+            t7, t3 = self.store.brain_values(name, "t7"), self.store.brain_values(name, "t3")
+            if self.standardize is not None:
+                t3 = standardize_input(t3, self.standardize, table=self._input_table(name))
+                t3 = t3[t3 > 0]
+            self._target_tables[name] = (quantile_table(quantiles(t7), quantiles(t3))
+                                         if t7.size and t3.size else None)
+        return self._target_tables[name]
 
     def __getitem__(self, index: int) -> dict:
         sample = self.raw(index)

@@ -82,11 +82,7 @@ class Predictor:
         self.lower_pct = float(norm.get("lower_pct", 1.0))
         self.upper_pct = float(norm.get("upper_pct", 99.0))
         self.voxel_mm = tuple(float(v) for v in np.broadcast_to(self.config.get("voxel_size_mm", 0.65), (3,)))
-        std = self.config.get("input_standardization") or {"method": "none"}
-        if std.get("method", "none") not in ("none", "histmatch"):
-            raise InputError(f"{model_dir}: unknown input_standardization {std.get('method')!r} in config.json")
-        self.reference_quantiles = (np.asarray(std["reference_quantiles"], np.float64)
-                                    if std.get("method") == "histmatch" else None)
+        self.standardization = _standardization_record(model_dir, self.config)
 
     @property
     def prep_spec(self) -> PrepSpec:
@@ -122,14 +118,14 @@ class Predictor:
                       tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(Z, H, W) normalized 3T stack -> (prediction (Z, H, W), uncertainty or None), float32 [0, 1].
 
-        With the model's input standardization, the stack's brain intensities are first mapped onto the training
-        7T distribution (:func:`synth7t.intensity.standardize`), as in training.
+        With the model's input standardization (``histmatch``: onto the training 7T distribution; ``nyul``: the
+        stack's landmarks onto the training standard landmarks), the stack's brain intensities are first mapped by
+        :func:`synth7t.intensity.standardize_input`, the function training uses.
         """
         from synth7t.dataset.slices import VolumeSlices
-        from synth7t.intensity import standardize
+        from synth7t.intensity import standardize_input
 
-        if self.reference_quantiles is not None:
-            stack = standardize(stack, self.reference_quantiles)
+        stack = standardize_input(stack, self.standardization)
         bs = self.batch_size(stack.shape[1:], batch_size)
         while True:
             try:
@@ -161,6 +157,20 @@ class Predictor:
                 y = self.net(x, c)
             out[batch["slice"]] = y[:, 0].float().clamp(0, 1).cpu().numpy()
         return out[:, ::-1, :].copy() if flip else out
+
+
+def _standardization_record(model_dir, config: dict) -> dict | None:
+    """config.json's ``input_standardization``, checked; None when the model has none."""
+    from synth7t.intensity import STANDARDIZATIONS
+
+    std = config.get("input_standardization") or {"method": "none"}
+    method = std.get("method", "none")
+    if method not in STANDARDIZATIONS:
+        raise InputError(f"{model_dir}: unknown input_standardization {method!r} in config.json")
+    need = {"none": (), "histmatch": ("reference_quantiles",), "nyul": ("percentiles", "standard_landmarks")}[method]
+    if missing := [k for k in need if k not in std]:
+        raise InputError(f"{model_dir}: input_standardization {method} lacks {', '.join(missing)} in config.json")
+    return None if method == "none" else std
 
 
 def _available_ram() -> int:

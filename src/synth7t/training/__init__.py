@@ -37,7 +37,7 @@ from synth7t.training.data import (
     EpochSampler,
     ResumableLoader,
     collate,
-    input_reference,
+    input_standardization,
     make_loaders,
     random_patch,
 )
@@ -66,7 +66,7 @@ __all__ = [
     "config_for_init",
     "critic_update",
     "generator_update",
-    "input_reference",
+    "input_standardization",
     "is_global_zero",
     "launched_as_rank_zero",
     "make_loaders",

@@ -14,7 +14,7 @@ from synth7t import __version__
 from synth7t.config import TrainConfig
 from synth7t.dataset.recipe import normalization_record
 from synth7t.model_folder import generator_state, save_model_folder
-from synth7t.training.data import input_reference
+from synth7t.training.data import input_standardization
 
 
 def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elapsed: float,
@@ -31,6 +31,10 @@ def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elap
 
 
 DEFAULT_NORMALIZATION = normalization_record(1.0, 99.0)  # a store that does not say: the thesis' 1st-99th
+OUTPUT_CONTRAST = {  # config.json "output_contrast", by data.match_target_to_input
+    False: "7T",
+    True: "the input's (standardized) 3T contrast: in training each 7T target was histogram-matched to its 3T input",
+}
 
 
 def model_config(cfg: TrainConfig, store, module) -> dict:
@@ -58,7 +62,9 @@ def model_config(cfg: TrainConfig, store, module) -> dict:
         "voxel_size_mm": store_voxel_size(store) if store is not None else [0.65, 0.65, 0.65],
         "multiple": cfg.model.downsample_factor,
         "normalization": meta.get("normalization", DEFAULT_NORMALIZATION),
-        "input_standardization": _standardization(store, cfg),
+        "input_standardization": input_standardization(store, cfg) if store is not None else {"method": "none"},
+        "target_matched_to_input": cfg.data.match_target_to_input,
+        "output_contrast": OUTPUT_CONTRAST[cfg.data.match_target_to_input],
         "context": meta.get("context", {"dim": cfg.model.context_dim}),
         "preprocessing": meta.get("preprocessing", {}),
         "perceptual": cfg.loss.perceptual if store is not None and cfg.loss.perceptual_weight > 0 else "none",
@@ -67,14 +73,6 @@ def model_config(cfg: TrainConfig, store, module) -> dict:
         "parameters": int(sum(p.numel() for p in net.parameters())),
         "train_config": cfg.model_dump(mode="json"),
     }
-
-
-def _standardization(store, cfg: TrainConfig) -> dict:
-    """What :func:`synth7t.intensity.standardize` needs at prediction time (``{"method": "none"}`` when off)."""
-    if cfg.data.standardize == "none" or store is None:
-        return {"method": "none"}
-    return {"method": cfg.data.standardize, "reference": "training split's mean 7T brain histogram",
-            "reference_quantiles": [round(float(q), 6) for q in input_reference(store, cfg)]}
 
 
 def store_voxel_size(store) -> list[float]:
@@ -114,6 +112,9 @@ def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
         f"- Architecture: 2.5D attention residual U-net, {cfg.model.in_slices} input slices, channels "
         f"{cfg.model.stage_channels}, {architecture_summary(cfg.model)}, "
         f"{'WGAN-GP critic' if cfg.is_gan else 'no critic'}; {d['parameters']:,} parameters.\n"
+        f"- Input standardization: {d.get('input_standardization', {}).get('method', 'none')}. Output contrast: "
+        f"{d.get('output_contrast', OUTPUT_CONTRAST[False])}."
+        "\n"
         f"- Loss: L1 + {cfg.loss.perceptual_weight:g} x perceptual ({d['perceptual']}).\n"
         f"- Training data: {t['n_train']} training / {t['n_val']} validation / {t['n_test']} test subjects.{sim}\n"
         f"- Training: {metrics.get('epochs', '?')} epochs, {metrics.get('steps', '?')} steps, "

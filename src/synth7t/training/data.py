@@ -180,14 +180,24 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
-def input_reference(store, cfg: TrainConfig) -> np.ndarray | None:
-    """The reference quantiles of input standardization (``data.standardize``), from the training split's 7T."""
-    if cfg.data.standardize == "none":
-        return None
+def input_standardization(store, cfg: TrainConfig) -> dict:
+    """The model folder's ``input_standardization`` record (``data.standardize``), learned on the training split
+    only: ``histmatch`` from its 7T (mean brain histogram), ``nyul`` from its 3T (standard landmarks)."""
+    method = cfg.data.standardize
+    if method == "none":
+        return {"method": "none"}
+    if method == "nyul":
+        marks = store.standard_landmarks("train", cfg.data.nyul_percentiles)
+        if marks is None:
+            raise InputError(f"{store.root}: data.standardize=nyul needs training subjects")
+        return {"method": "nyul", "reference": "Nyul-Udupa standard landmarks of the training split's 3T",
+                "percentiles": [float(p) for p in cfg.data.nyul_percentiles],
+                "standard_landmarks": [round(float(m), 6) for m in marks]}
     ref = store.target_quantiles("train")
     if ref is None:
-        raise InputError(f"{store.root}: data.standardize={cfg.data.standardize} needs training subjects with a 7T")
-    return ref
+        raise InputError(f"{store.root}: data.standardize={method} needs training subjects with a 7T")
+    return {"method": method, "reference": "training split's mean 7T brain histogram",
+            "reference_quantiles": [round(float(q), 6) for q in ref]}
 
 
 def make_loaders(store, cfg: TrainConfig, seed: int):
@@ -195,10 +205,10 @@ def make_loaders(store, cfg: TrainConfig, seed: int):
     from synth7t.dataset.slices import SliceDataset
 
     augment = Augmenter(cfg.data.augment, seed=seed) if cfg.data.augment.any_enabled else None
-    reference = input_reference(store, cfg)
-    train_ds = SliceDataset(store, "train", n_slices=cfg.model.in_slices, augment=augment, seed=seed,
-                            standardize=reference)
-    val_ds = SliceDataset(store, "val", n_slices=cfg.model.in_slices, augment=None, seed=seed, standardize=reference)
+    ds_kw = dict(n_slices=cfg.model.in_slices, seed=seed, standardize=input_standardization(store, cfg),
+                 match_target=cfg.data.match_target_to_input)
+    train_ds = SliceDataset(store, "train", augment=augment, **ds_kw)
+    val_ds = SliceDataset(store, "val", augment=None, **ds_kw)
     if len(train_ds) == 0:
         raise InputError(f"{store.root}: the train split has no slices")
     workers = cfg.data.num_workers
