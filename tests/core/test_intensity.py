@@ -35,3 +35,51 @@ def test_standardize_maps_a_brain_onto_the_reference_and_keeps_the_background():
     same = standardize(stack, quantiles(stack[brain]))
     assert np.abs(same - stack).max() < 0.01
     assert np.all(standardize(np.zeros((2, 4, 4)), reference) == 0)
+
+
+def test_nyul_landmarks_standard_scale_and_map_by_hand():
+    from synth7t.intensity import nyul_landmarks, nyul_standard, nyul_table, standardize
+
+    # 0.00, 0.01, ..., 1.00: its 10th, 50th and 90th percentiles are 0.1, 0.5 and 0.9 exactly
+    np.testing.assert_allclose(nyul_landmarks(np.linspace(0, 1, 101), (10, 50, 90)), [0.1, 0.5, 0.9], atol=1e-12)
+    # two subjects: the ends go to the scale (0, 1), the middle landmarks to 0.25 and 0.75, mean 0.5
+    a, b = np.array([0.1, 0.2, 0.5]), np.array([0.2, 0.8, 1.0])
+    np.testing.assert_allclose(nyul_standard([a, b]), [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(nyul_standard([a], scale=(0.2, 0.6)), [0.2, 0.3, 0.6])
+    standard = np.array([0.1, 0.5, 0.9])
+    xs, ys = nyul_table(a, standard)
+    # each landmark lands exactly on its standard landmark; the end segments are extended to 0 and 1
+    np.testing.assert_allclose(np.interp(a, xs, ys), standard, atol=1e-6)
+    np.testing.assert_allclose([xs[0], xs[-1]], [0.0, 1.0])
+    np.testing.assert_allclose(np.interp([0.0, 1.0], xs, ys), [0.1 - 0.1 * 4, 0.9 + 0.5 * 4 / 3], atol=1e-6)
+    v = np.linspace(0.001, 1, 500, dtype=np.float32)
+    out = standardize(v, table=(xs, ys))
+    assert np.all(np.diff(out) >= 0) and out.min() >= 0 and out.max() <= 1  # monotone, clipped to [0, 1]
+    # tied landmarks (a clipped image) map to the mean of their standard landmarks
+    xs, ys = nyul_table(np.array([0.0, 0.0, 0.5]), standard)
+    np.testing.assert_allclose(np.interp([0.0, 0.5], xs, ys), [0.3, 0.9], atol=1e-6)
+    with pytest.raises(ValueError, match="degenerate"):
+        nyul_standard([np.array([0.3, 0.3])])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        nyul_table(a, standard[::-1])
+
+
+def test_standardize_input_is_one_path_for_every_method():
+    from synth7t.intensity import nyul_landmarks, standardization_table, standardize_input
+
+    rng = np.random.default_rng(1)
+    stack = np.zeros((2, 30, 30), np.float32)
+    stack[:, 5:25, 5:25] = rng.beta(2, 5, (2, 20, 20)) * 0.98 + 0.01
+    brain = stack > 0
+    record = {"method": "nyul", "percentiles": [1, 50, 99], "standard_landmarks": [0.0, 0.3, 1.0]}
+    out = standardize_input(stack, record)
+    np.testing.assert_allclose(nyul_landmarks(out[brain], [50]), [0.3], atol=2e-3)  # median onto 0.3
+    assert np.all(out[~brain] == 0)
+    assert np.array_equal(standardize_input(stack, {"method": "none"}), stack)
+    assert np.array_equal(standardize_input(stack, None), stack)
+    assert standardization_table(record, np.zeros(0)) is None
+    ref = quantiles(rng.uniform(0.2, 0.4, 1000))
+    hm = standardize_input(stack, {"method": "histmatch", "reference_quantiles": ref})
+    assert np.array_equal(hm, standardize(stack, ref))
+    with pytest.raises(ValueError, match="unknown input standardization"):
+        standardize_input(stack, {"method": "zscore"})
