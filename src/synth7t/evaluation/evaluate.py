@@ -216,6 +216,11 @@ def evaluate(
         raise InputError(f"{store.root}: split {split!r} has no subject with a 7T to compare with")
     predictor = Predictor(model_dir, device)
     extras = {name: Predictor(p, device) for name, p in (extra_models or {}).items()}
+    for label, p in (("model", predictor), *extras.items()):
+        if p.config.get("target_matched_to_input"):  # data.match_target_to_input: the real 7T stays the reference
+            log.warning("%s %s was trained on 7T targets histogram-matched to their 3T input: its output has the "
+                        "input's contrast and is compared with the real 7T, so intensity metrics (PSNR) count that "
+                        "contrast against it", label, p.model_dir)
     out = Path(out)
     records, images = [], {}
     for s in progress_bar(subjects, "evaluate", enabled=progress):
