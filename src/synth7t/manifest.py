@@ -90,14 +90,19 @@ def parse_sex(value: str | None) -> str | None:
     return SEX_CODES[key]
 
 
-def parse_age(value: str | None) -> float | None:
+def _number(value: str | None, unparseable: str) -> float | None:
+    """A float, None for a missing value; ValueError(``unparseable``) for text that is no number."""
     if value is None or value.strip().lower() in MISSING:
         return None
     try:
-        age = float(value)
+        return float(value)
     except ValueError:
-        raise ValueError(f"unparseable age {value!r}") from None
-    if not math.isfinite(age) or age < 0 or age > 130:
+        raise ValueError(unparseable) from None
+
+
+def parse_age(value: str | None) -> float | None:
+    age = _number(value, f"unparseable age {value!r}")
+    if age is not None and (not math.isfinite(age) or age < 0 or age > 130):
         raise ValueError(f"age {value!r} out of range 0-130")
     return age
 
@@ -134,13 +139,9 @@ def _parse_int(value: str | None) -> int | None:
 
 
 def parse_gap_days(value: str | None) -> float | None:
-    if value is None or value.strip().lower() in MISSING:
-        return None
-    try:
-        days = float(value)
-    except ValueError:
-        raise ValueError(f"gap_days {value!r} is not a number of days") from None
-    if not math.isfinite(days):
+    """Days between a 3T and the 7T (negative: the 3T came after); None when missing."""
+    days = _number(value, f"gap_days {value!r} is not a number of days")
+    if days is not None and not math.isfinite(days):
         raise ValueError(f"gap_days {value!r} is not finite")
     return days
 

@@ -19,9 +19,13 @@ paths replaced by the pseudonym) and does not stop the others. Reruns skip subje
 same parameter hash and redo the others. ``shard=(k, n)`` (``0 <= k < n``) processes every n-th subject of the
 ID-sorted cohort starting at the k-th, so a SLURM array (``--array=0-<n-1>``) splits a cohort across nodes.
 
-Why one module of ~490 lines: the steps of one subject and the resumable cohort runner share the partial-folder
+Several 3T scans of one subject (manifest ``session`` column) are run by ``multiscan.py`` through
+:func:`process_unit`: the 7T steps (:func:`process_7t`) once, then :func:`register_3t` per scan.
+
+Why one module of ~550 lines: the steps of one subject and the resumable cohort runner share the partial-folder
 and ``.done`` contract; keeping them together keeps that contract in one place. The steps themselves live in
-``bias.py``, ``skullstrip.py``, ``register.py``, ``qc.py`` and ``anonymize.py``.
+``bias.py``, ``skullstrip.py``, ``register.py``, ``qc.py`` and ``anonymize.py``; the multi-scan subjects in
+``multiscan.py``.
 """
 
 from __future__ import annotations
