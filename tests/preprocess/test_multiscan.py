@@ -115,7 +115,7 @@ def test_no_id_or_session_date_in_the_work_folder(first_run):
 def test_resume_reuses_the_7t_and_skips_done_scans(cohort, first_run, tmp_path, count_7t):
     work = tmp_path / "work"
     shutil.copytree(first_run[0], work)
-    res = preprocess(cohort, work, pseudonym_key=KEY, **FAST)
+    res = preprocess(cohort, work, pseudonym_key=KEY, jobs=2, **FAST)  # worker processes: nothing to redo
     assert sorted(res.skipped) == sorted(f"{SID}/{d}" for d in DATES) and not res.done and count_7t == []
     codes = multiscan.scan_codes(cohort, KEY)
     person = work / pseudonym(SID, KEY)
@@ -127,6 +127,11 @@ def test_resume_reuses_the_7t_and_skips_done_scans(cohort, first_run, tmp_path, 
     res = preprocess(cohort[:2], work, pseudonym_key=KEY, **{**FAST, "ncc_threshold": 0.5})  # new parameters
     assert sorted(res.done) == [f"{SID}/{d}" for d in DATES[:2]] and len(count_7t) == 1
     assert not (person / "scans" / codes[DATES[2]]).exists()  # the redone 7T replaced the old scans
+    single = Subject(SID, cohort[0].t3, cohort[0].t7, age=70.2, sex="M", diagnosis="normal")
+    params = {**FAST, "ncc_threshold": 0.5}
+    assert preprocess([single], work, pseudonym_key=KEY, **params).done == [SID]  # the session column dropped
+    assert (person / "qc.json").is_file() and not (person / "scans").exists()
+    assert preprocess(cohort[:1], work, pseudonym_key=KEY, **params).done == [f"{SID}/{DATES[0]}"]  # and back
 
 
 def test_pack_keeps_both_pairs_in_one_split(cohort, first_run, tmp_path):

@@ -199,7 +199,7 @@ def process_scans(rows: list[Subject], pseudo: str, work: Path, cfg: PreprocessC
     codes = scan_codes(rows, key)
     results: list[tuple[Subject, str, str, dict | None]] = []
     todo = []
-    fresh = not is_done(final, h)
+    fresh = not (is_done(final, h) and (final / "qc_7t.json").is_file())  # no qc_7t.json: a single-pair folder
     for r in rows:
         scan_dir = final / "scans" / codes[r.session]
         if r.exclude:

@@ -352,7 +352,7 @@ def process_subject(s: Subject, pseudo: str, work: Path, cfg: PreprocessConfig,
     try:
         if s.exclude:
             return "rejected", "excluded in the manifest", None
-        if is_done(final, h):
+        if is_done(final, h) and (final / "qc.json").is_file():  # no qc.json: a multi-scan folder, redone
             record = read_json(final / "qc.json")
             return "skipped", "; ".join(record.get("reasons", [])) if record.get("rejected") else "", \
                 record.get("cut")
