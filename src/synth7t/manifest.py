@@ -4,6 +4,10 @@ A manifest is a CSV or TSV with the columns ``subject, t3, t7, age, sex, diagnos
 absent for prediction-only cohorts; ``min_slice`` and ``exclude`` are optional QC overrides; any other column is
 kept in :attr:`Subject.extra`). Relative paths are resolved against the manifest's folder. Validation reports
 every bad row at once, with its row number (the header is row 1).
+
+Several 3T scans of one person (issue 16): rows with the same ``subject`` and a ``session`` (or ``scan``: either
+name, not both) column telling them apart, all with the same ``t7`` and covariates; an optional numeric
+``gap_days`` (days between that 3T and the 7T) is kept on each record. One row per subject needs no session.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 from synth7t.errors import ManifestError
 
 REQUIRED_COLUMNS = ("subject", "t3")
-KNOWN_COLUMNS = ("subject", "t3", "t7", "age", "sex", "diagnosis", "min_slice", "exclude")
+KNOWN_COLUMNS = ("subject", "t3", "t7", "age", "sex", "diagnosis", "min_slice", "exclude", "session", "scan",
+                 "gap_days")
+SESSION_COLUMNS = ("session", "scan")  # either names the 3T scan of a subject with several
 SEX_CODES = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M"}
 # thesis 1.1: healthy = cognitively normal or subjective cognitive decline; ill = MCI or dementia
 DIAGNOSIS_GROUPS = {
@@ -42,7 +48,10 @@ FALSE = {"0", "false", "no", "n"} | MISSING
 
 @dataclass
 class Subject:
-    """One row of a cohort: a 3T scan, optionally its paired 7T scan, and covariates."""
+    """One row of a cohort: a 3T scan, optionally its paired 7T scan, and covariates.
+
+    ``session`` tells apart several 3T scans of one subject (None: the subject's only row); ``gap_days`` is the
+    time from that 3T to the 7T, recorded but not used by the network."""
 
     subject: str
     t3: Path
@@ -53,6 +62,8 @@ class Subject:
     min_slice: int | None = None
     exclude: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    session: str | None = None
+    gap_days: float | None = None
 
     @property
     def group(self) -> str | None:
@@ -79,14 +90,19 @@ def parse_sex(value: str | None) -> str | None:
     return SEX_CODES[key]
 
 
-def parse_age(value: str | None) -> float | None:
+def _number(value: str | None, unparseable: str) -> float | None:
+    """A float, None for a missing value; ValueError(``unparseable``) for text that is no number."""
     if value is None or value.strip().lower() in MISSING:
         return None
     try:
-        age = float(value)
+        return float(value)
     except ValueError:
-        raise ValueError(f"unparseable age {value!r}") from None
-    if not math.isfinite(age) or age < 0 or age > 130:
+        raise ValueError(unparseable) from None
+
+
+def parse_age(value: str | None) -> float | None:
+    age = _number(value, f"unparseable age {value!r}")
+    if age is not None and (not math.isfinite(age) or age < 0 or age > 130):
         raise ValueError(f"age {value!r} out of range 0-130")
     return age
 
@@ -122,6 +138,14 @@ def _parse_int(value: str | None) -> int | None:
     return out
 
 
+def parse_gap_days(value: str | None) -> float | None:
+    """Days between a 3T and the 7T (negative: the 3T came after); None when missing."""
+    days = _number(value, f"gap_days {value!r} is not a number of days")
+    if days is not None and not math.isfinite(days):
+        raise ValueError(f"gap_days {value!r} is not finite")
+    return days
+
+
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value.strip()).expanduser()
     return p if p.is_absolute() else (base / p)
@@ -151,26 +175,56 @@ def read_manifest(path: str | Path, *, require_t7: bool = False, check_files: bo
         missing.append("t7")
     if missing:
         raise ManifestError(p, [f"missing column(s) {', '.join(missing)} (have: {', '.join(columns)})"])
-    subjects, problems, seen = [], [], {}
+    if all(c in columns for c in SESSION_COLUMNS):
+        raise ManifestError(p, ["both a 'session' and a 'scan' column: give one of them"])
+    subjects, problems, seen, rows = [], [], {}, {}
     for rowno, raw in enumerate(reader, start=2):
         row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
         if None in raw:
             problems.append(f"row {rowno}: more fields than columns")
             continue
         sub, errs = _parse_row(row, p.parent, require_t7=require_t7, check_files=check_files)
-        if sub is not None and sub.subject in seen:
-            errs.append(f"duplicate subject {sub.subject!r} (first in row {seen[sub.subject]})")
+        key = None if sub is None else (sub.subject, sub.session)
+        if key in seen:
+            what = f" session {sub.session!r}" if sub.session is not None else ""
+            errs.append(f"duplicate subject {sub.subject!r}{what} (first in row {seen[key]})")
         problems += [f"row {rowno}: {e}" for e in errs]
         if sub is not None and not errs:
-            seen[sub.subject] = rowno
+            seen[key] = rowno
             subjects.append(sub)
+            rows[id(sub)] = rowno
         elif sub is not None:
-            seen.setdefault(sub.subject, rowno)
+            seen.setdefault(key, rowno)
+    problems += _check_scans(subjects, rows)
     if problems:
         raise ManifestError(p, problems)
     if not subjects:
         raise ManifestError(p, ["no subjects"])
     return subjects
+
+
+def _check_scans(subjects: list[Subject], rows: dict[int, int]) -> list[str]:
+    """One line per subject whose rows (several 3T scans) lack a session or disagree on the 7T or covariates."""
+    by_id: dict[str, list[Subject]] = {}
+    for s in subjects:
+        by_id.setdefault(s.subject, []).append(s)
+    problems = []
+    for sid, group in by_id.items():
+        if len(group) < 2:
+            continue
+        where = "rows " + ", ".join(str(rows[id(s)]) for s in group)
+        if any(s.session is None for s in group):
+            problems.append(f"{where}: subject {sid!r} has several rows; each needs its own session (or scan)")
+            continue
+        if all(s.t7 is None for s in group):
+            problems.append(f"{where}: subject {sid!r} has several 3T scans but no 7T (they pair with one 7T)")
+            continue
+        differ = [c for c in ("t7", "age", "sex", "diagnosis")
+                  if len({str(getattr(s, c)) for s in group}) > 1]
+        if differ:
+            problems.append(f"{where}: subject {sid!r} has different {', '.join(differ)} in its rows "
+                            f"(one 7T and one set of covariates per subject)")
+    return problems
 
 
 def _parse_row(row: dict, base: Path, *, require_t7: bool, check_files: bool) -> tuple[Subject | None, list]:
@@ -193,7 +247,7 @@ def _parse_row(row: dict, base: Path, *, require_t7: bool, check_files: bool) ->
             errs.append(f"{col} file not found: {paths[col]}")
     values = {}
     for col, fn in (("age", parse_age), ("sex", parse_sex), ("diagnosis", parse_diagnosis),
-                    ("min_slice", _parse_int), ("exclude", _parse_bool)):
+                    ("min_slice", _parse_int), ("exclude", _parse_bool), ("gap_days", parse_gap_days)):
         try:
             values[col] = fn(row.get(col))
         except ValueError as exc:
@@ -202,7 +256,8 @@ def _parse_row(row: dict, base: Path, *, require_t7: bool, check_files: bool) ->
     extra = {k: v for k, v in row.items() if k not in KNOWN_COLUMNS}
     sub = Subject(subject=sid, t3=paths["t3"], t7=paths["t7"], age=values["age"], sex=values["sex"],
                   diagnosis=values["diagnosis"], min_slice=values["min_slice"],
-                  exclude=bool(values["exclude"]), extra=extra)
+                  exclude=bool(values["exclude"]), extra=extra,
+                  session=(row.get("session") or row.get("scan") or None), gap_days=values["gap_days"])
     return sub, errs
 
 
@@ -214,9 +269,10 @@ def write_manifest(path: str | Path, subjects: list[Subject]) -> Path:
 
     dest = Path(path)
     extras = sorted({k for s in subjects for k in s.extra})
+    scans = ["session", "gap_days"] if any(s.session is not None for s in subjects) else []
     buf = _io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["subject", "t3", "t7", "age", "sex", "diagnosis", *extras])
+    writer.writerow(["subject", "t3", "t7", "age", "sex", "diagnosis", *scans, *extras])
 
     def rel(p: Path | None) -> str:
         if p is None:
@@ -228,8 +284,9 @@ def write_manifest(path: str | Path, subjects: list[Subject]) -> Path:
 
     for s in subjects:
         age = "" if s.age is None else f"{s.age:g}"
+        gap = "" if s.gap_days is None else f"{s.gap_days:g}"
         writer.writerow([s.subject, rel(s.t3), rel(s.t7), age, s.sex or "", s.diagnosis or "",
-                         *[s.extra.get(k, "") for k in extras]])
+                         *([s.session or "", gap] if scans else []), *[s.extra.get(k, "") for k in extras]])
     return write_text(dest, buf.getvalue())
 
 

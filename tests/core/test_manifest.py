@@ -91,3 +91,51 @@ def test_pseudonym_is_keyed_and_carries_no_part_of_the_id():
     for part in ("BF2", "0042", "Lund", "42"):
         assert part.lower() not in p1.lower()
     assert diagnosis_group("Dementia") == "ill" and diagnosis_group(None) is None
+
+
+def test_several_3t_scans_per_subject_with_session_or_scan_column(scans):
+    """Rows of one subject told apart by a session (or scan) column share its 7T; gap_days is kept."""
+    (scans / "m.csv").write_text(
+        "subject,t3,t7,age,sex,session,gap_days\n"
+        "A,a3.nii.gz,a7.nii.gz,70,F,2019-05-01,-400\n"
+        "A,b3.nii.gz,a7.nii.gz,70,F,2020-06-02,12.5\n"
+        "C,c3.nii.gz,b7.nii.gz,71,M,,\n"
+    )
+    a1, a2, c = read_manifest(scans / "m.csv")
+    assert (a1.subject, a1.session, a1.gap_days) == ("A", "2019-05-01", -400.0)
+    assert (a2.session, a2.gap_days, a2.t7) == ("2020-06-02", 12.5, scans / "a7.nii.gz")
+    assert c.session is None and c.gap_days is None and a1.extra == {}
+    (scans / "s.tsv").write_text("subject\tt3\tt7\tscan\nA\ta3.nii.gz\ta7.nii.gz\t1\nA\tb3.nii.gz\ta7.nii.gz\t2\n")
+    assert [s.session for s in read_manifest(scans / "s.tsv")] == ["1", "2"]
+    from synth7t.manifest import write_manifest
+
+    back = read_manifest(write_manifest(scans / "copy.csv", [a1, a2, c]))
+    assert [(s.session, s.gap_days) for s in back] == [(a1.session, -400.0), (a2.session, 12.5), (None, None)]
+
+
+def test_several_scans_errors_name_the_rows(scans):
+    (scans / "m.csv").write_text(
+        "subject,t3,t7,age,sex,session,gap_days\n"
+        "A,a3.nii.gz,a7.nii.gz,70,F,1,\n"
+        "A,b3.nii.gz,a7.nii.gz,70,F,1,\n"       # duplicate (subject, session)
+        "B,a3.nii.gz,a7.nii.gz,70,F,1,\n"
+        "B,b3.nii.gz,b7.nii.gz,71,F,2,\n"       # another 7T and age for the same person
+        "C,c3.nii.gz,b7.nii.gz,70,F,1,soon\n"  # gap_days not a number
+        "D,c3.nii.gz,b7.nii.gz,70,F,,\n"
+        "D,a3.nii.gz,b7.nii.gz,70,F,2,\n"       # one row of D has no session
+    )
+    with pytest.raises(ManifestError) as info:
+        read_manifest(scans / "m.csv")
+    problems = info.value.problems
+    assert "row 3: duplicate subject 'A' session '1' (first in row 2)" in problems
+    assert "rows 4, 5: subject 'B' has different t7, age in its rows (one 7T and one set of covariates per " \
+           "subject)" in problems
+    assert "row 6: gap_days 'soon' is not a number of days" in problems
+    assert "rows 7, 8: subject 'D' has several rows; each needs its own session (or scan)" in problems
+    assert len(problems) == 4
+    (scans / "both.csv").write_text("subject,t3,session,scan\nA,a3.nii.gz,1,1\n")
+    with pytest.raises(ManifestError, match="both a 'session' and a 'scan' column"):
+        read_manifest(scans / "both.csv")
+    (scans / "no7.csv").write_text("subject,t3,session\nA,a3.nii.gz,1\nA,b3.nii.gz,2\n")
+    with pytest.raises(ManifestError, match="rows 2, 3: subject 'A' has several 3T scans but no 7T"):
+        read_manifest(scans / "no7.csv")

@@ -16,7 +16,9 @@ For every finished, non-rejected subject of ``WORK`` (see ``docs/data-layout.md`
    intensities, sorted by mean (CSF, GM, WM), is fitted once here and stored in ``store.json``.
 5. **Splits** by subject (train / val / test), seeded, stratified by diagnosis group
    (:mod:`synth7t.dataset.splits`). Subjects without a 7T are packed without a target and listed under the
-   extra split ``"predict"``, never in train/val/test.
+   extra split ``"predict"``, never in train/val/test. A person with several 3T scans (``WORK/<p>/scans/<code>``)
+   gives one store entry per pair, ``<p>_<code>`` (its own t3/t7/mask arrays, so readers see ordinary
+   subjects), tagged ``"person": <p>``; splits are drawn over persons, so all pairs of one person share a split.
 6. **Recipe**: the preprocessing the subjects share, read from their ``provenance.json``
    (:mod:`synth7t.dataset.recipe`), is recorded in ``store.json``.
 
@@ -94,44 +96,64 @@ class _Candidate:
     qc: dict
     has_t7: bool
     provenance: dict | None = None
+    base: Path | None = None  # the person's folder (t7, masks) for one of several 3T scans; None: ``folder``
+    scan: dict | None = None  # {"person", "scan", "gap_days"} for one of several 3T scans
+
+    def path(self, name: str) -> Path:
+        """``t3.nii.gz`` from the pair's own folder, the 7T and masks from the person's."""
+        return self.folder / name if name == "t3.nii.gz" or self.base is None else self.base / name
 
 
 def _scan(work: Path) -> tuple[list[_Candidate], dict[str, str], list[str]]:
     """Usable subject folders, skipped ones with their reason, and fingerprints of everything read."""
     usable, skipped, prints = [], {}, []
     for folder in sorted(p for p in work.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        reason, cand = _check_folder(folder)
-        done = folder / ".done"
-        stamp = f"{done.stat().st_mtime_ns}:{done.read_text(errors='replace')}" if done.is_file() else "-"
-        prints.append(f"{folder.name}|{stamp}|{reason or 'ok'}")
-        if cand is None:
-            skipped[folder.name] = reason
-            log.info("skipping %s: %s", folder.name, reason)
-        else:
-            usable.append(cand)
+        scans = folder / "scans"
+        pairs = [(folder.name, folder, None)] if not scans.is_dir() else [
+            (f"{folder.name}_{d.name}", d, folder)
+            for d in sorted(scans.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        for name, pair, base in pairs:
+            reason, cand = _check_folder(pair, base)
+            stamp = "|".join(_stamp(f / ".done") for f in (pair, base) if f is not None)
+            prints.append(f"{name}|{stamp}|{reason or 'ok'}")
+            if cand is None:
+                skipped[name] = reason
+                log.info("skipping %s: %s", name, reason)
+            else:
+                usable.append(cand)
     return usable, skipped, prints
 
 
-def _check_folder(folder: Path) -> tuple[str, _Candidate | None]:
-    if not (folder / ".done").is_file():
+def _stamp(done: Path) -> str:
+    return f"{done.stat().st_mtime_ns}:{done.read_text(errors='replace')}" if done.is_file() else "-"
+
+
+def _check_folder(folder: Path, base: Path | None = None) -> tuple[str, _Candidate | None]:
+    """A work folder, or with ``base`` (the person's folder) one of its 3T scans in ``base/scans/<code>``."""
+    if not (folder / ".done").is_file() or (base is not None and not (base / ".done").is_file()):
         return "not finished (no .done)", None
     try:
         qc = read_json(folder / "qc.json")
-        subject = read_json(folder / "subject.json")
+        subject = read_json((base or folder) / "subject.json")
     except InputError as exc:
         return str(exc), None
+    scan = None
+    if base is not None:
+        scan = {"person": base.name, "scan": folder.name,
+                "gap_days": ((subject.get("scans") or {}).get(folder.name) or {}).get("gap_days")}
     if qc.get("rejected", False):
         return "rejected by QC: " + "; ".join(str(r) for r in qc.get("reasons", [])), None
     for name in ("t3.nii.gz", "mask.nii.gz"):
-        if not (folder / name).is_file():
+        if not ((base or folder) if name != "t3.nii.gz" else folder).joinpath(name).is_file():
             return f"{name} missing", None
-    has_t7 = (folder / "t7.nii.gz").is_file()
+    has_t7 = ((base or folder) / "t7.nii.gz").is_file()
     try:
         prov = read_json(folder / "provenance.json") if (folder / "provenance.json").is_file() else None
     except InputError as exc:
         log.warning("%s: unreadable provenance.json (%s); its preprocessing is recorded as unknown", folder.name, exc)
         prov = None
-    return "", _Candidate(folder.name, folder, subject, qc, has_t7, prov)
+    name = folder.name if base is None else f"{base.name}_{folder.name}"
+    return "", _Candidate(name, folder, subject, qc, has_t7, prov, base, scan)
 
 
 def _params_hash(params: dict, prints: list[str]) -> str:
@@ -140,7 +162,7 @@ def _params_hash(params: dict, prints: list[str]) -> str:
 
 
 def _load_mask(cand: _Candidate) -> np.ndarray:
-    return load_volume(cand.folder / "mask.nii.gz").data > 0.5  # (X, Y, Z) bool
+    return load_volume(cand.path("mask.nii.gz")).data > 0.5  # (X, Y, Z) bool
 
 
 def _write_stack(path: Path, volume: np.ndarray, mask: np.ndarray, geom: CropGeometry, limits, dtype) -> None:
@@ -171,7 +193,7 @@ def _pack_subject(cand: _Candidate, box: Box, hw: tuple[int, int], out: Path, op
     entry: dict = {"geometry": geom.to_dict(), "shape": list(geom.stack_shape), "limits": {}}
     kinds = ("t3", "t7") if cand.has_t7 else ("t3",)
     for kind in kinds:
-        vol = load_volume(cand.folder / f"{kind}.nii.gz")
+        vol = load_volume(cand.path(f"{kind}.nii.gz"))
         if vol.shape != mask.shape:
             raise InputError(f"{vol.source}: shape {vol.shape} differs from the mask's {mask.shape}")
         if kind == "t3":
@@ -201,6 +223,7 @@ def _pack_subject(cand: _Candidate, box: Box, hw: tuple[int, int], out: Path, op
         diagnosis=cand.subject.get("diagnosis"),
         flagged=bool(cand.qc.get("flagged", False)),
     )
+    entry.update(cand.scan or {})
     return entry
 
 
@@ -248,7 +271,7 @@ def pack(
     """Pack the preprocessed work folder ``work`` into a slice store at ``out``; return ``out/store.json``.
 
     See the module docstring for what is written. ``split`` is (train, val, test) fractions or counts of the
-    subjects that have a 7T.
+    persons that have a 7T (a person with several 3T scans counts once).
     """
     work, out = Path(work), Path(out)
     if not work.is_dir():
@@ -292,7 +315,7 @@ def _voxel_size(cand: _Candidate) -> list[float]:
     """Voxel size (mm) of a subject's preprocessed grid, from its mask's header."""
     import nibabel as nib
 
-    zooms = nib.load(cand.folder / "mask.nii.gz").header.get_zooms()[:3]
+    zooms = nib.load(cand.path("mask.nii.gz")).header.get_zooms()[:3]
     return [round(float(z), 4) for z in zooms]
 
 
@@ -308,13 +331,24 @@ def _boxes(cands: list[_Candidate], skipped: dict[str, str]) -> dict[str, Box]:
     return boxes
 
 
-def _write_meta(out: Path, subjects: dict, skipped: dict, hw, opts: dict, phash: str,
-                preprocessing: dict | None = None) -> Path:
-    trainable = [n for n, s in subjects.items() if s["has_t7"]]
-    splits = assign_splits(
-        trainable, [subjects[n]["group"] for n in trainable], opts["split"], seed=opts["seed"],
+def person_splits(subjects: dict, opts: dict) -> dict[str, list[str]]:
+    """train / val / test drawn over persons (an entry's ``"person"``, else its own name), then each person's
+    pairs listed in its split: no person is in two splits."""
+    pairs: dict[str, list[str]] = {}
+    for n, s in subjects.items():
+        if s["has_t7"]:
+            pairs.setdefault(s.get("person", n), []).append(n)
+    persons = sorted(pairs)
+    by_person = assign_splits(
+        persons, [subjects[pairs[p][0]]["group"] for p in persons], opts["split"], seed=opts["seed"],
         stratify=opts["stratify"],
     )
+    return {k: sorted(n for p in v for n in pairs[p]) for k, v in by_person.items()}
+
+
+def _write_meta(out: Path, subjects: dict, skipped: dict, hw, opts: dict, phash: str,
+                preprocessing: dict | None = None) -> Path:
+    splits = person_splits(subjects, opts)
     splits[PREDICT_SPLIT] = sorted(n for n, s in subjects.items() if not s["has_t7"])
     meta = {
         "format": STORE_FORMAT,

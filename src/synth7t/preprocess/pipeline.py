@@ -19,9 +19,13 @@ paths replaced by the pseudonym) and does not stop the others. Reruns skip subje
 same parameter hash and redo the others. ``shard=(k, n)`` (``0 <= k < n``) processes every n-th subject of the
 ID-sorted cohort starting at the k-th, so a SLURM array (``--array=0-<n-1>``) splits a cohort across nodes.
 
-Why one module of ~490 lines: the steps of one subject and the resumable cohort runner share the partial-folder
+Several 3T scans of one subject (manifest ``session`` column) are run by ``multiscan.py`` through
+:func:`process_unit`: the 7T steps (:func:`process_7t`) once, then :func:`register_3t` per scan.
+
+Why one module of ~550 lines: the steps of one subject and the resumable cohort runner share the partial-folder
 and ``.done`` contract; keeping them together keeps that contract in one place. The steps themselves live in
-``bias.py``, ``skullstrip.py``, ``register.py``, ``qc.py`` and ``anonymize.py``.
+``bias.py``, ``skullstrip.py``, ``register.py``, ``qc.py`` and ``anonymize.py``; the multi-scan subjects in
+``multiscan.py``.
 """
 
 from __future__ import annotations
@@ -183,7 +187,7 @@ def _masked(vol: Volume, mask: Volume) -> Volume:
     return vol.with_data(np.where(mask.data > 0, vol.data, 0).astype(np.float32))
 
 
-def _versions() -> dict:
+def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -200,21 +204,36 @@ def _mask_or_default(vol: Volume, method: str, threads: int | None) -> tuple[Vol
     return res.brain, res.csf, res.method
 
 
-def _process_pair(s: Subject, cfg: PreprocessConfig, tmp: Path, threads: int | None) -> dict:
-    """7T + 3T: returns the arrays to save and the QC / provenance facts."""
-    timings: dict[str, float] = {}
-
+def _timer(timings: dict[str, float]):
     def timed(name, fn, *a, **k):
         t0 = time.perf_counter()
         out = fn(*a, **k)
         timings[name] = round(time.perf_counter() - t0, 2)
         return out
 
-    t7, _ = load_canonical(s.t7)  # type: ignore[arg-type]
-    t3, _ = load_canonical(s.t3)
+    return timed
+
+
+def process_7t(path: Path, cfg: PreprocessConfig, threads: int | None, timings: dict[str, float]) -> dict:
+    """The 7T steps: N4 -> strip -> N4 in the brain+CSF mask, and its QC (drop-out, motion)."""
+    timed = _timer(timings)
+    t7, _ = load_canonical(path)
     t7a = timed("n4_7t_pass1", n4, t7, cfg.n4_7t_first, None, threads=threads)
     brain7, csf7, method7 = timed("strip_7t", _mask_or_default, t7a, cfg.skullstrip, threads)
     t7b = timed("n4_7t_pass2", n4, t7, cfg.n4_7t, csf7, threads=threads)
+    return {"t7": _masked(t7b, csf7), "head": t7b, "mask": brain7, "mask_csf": csf7, "method": method7,
+            "corr": qc.corruption_min_slice(t7b.data, brain7.data, t7b.zooms), "motion": qc.motion_score(t7b.data,
+                                                                                                     csf7.data)}
+
+
+def register_3t(path: Path, ref: dict, cfg: PreprocessConfig, tmp: Path, threads: int | None,
+                timings: dict[str, float]) -> dict:
+    """One 3T onto a processed 7T ``ref`` (:func:`process_7t`): N4, strip, registration, resampling, QC facts.
+
+    Only the 7T inside its brain+CSF mask is used, so a saved ``t7.nii.gz`` serves as well as the fresh one."""
+    timed = _timer(timings)
+    t7b, brain7, csf7 = ref["t7"], ref["mask"], ref["mask_csf"]
+    t3, _ = load_canonical(path)
     t3a = t3 if cfg.t3_already_corrected else timed("n4_3t", n4, t3, cfg.n4_3t, None, threads=threads)
     brain3, csf3, method3 = timed("strip_3t", _mask_or_default, t3a, cfg.skullstrip, threads)
     reg = timed("register", register, _masked(t3a, brain3), _masked(t7b, brain7),
@@ -227,15 +246,23 @@ def _process_pair(s: Subject, cfg: PreprocessConfig, tmp: Path, threads: int | N
     inside = (brain7.data > 0) & fov  # NCC only where the 3T has data
     coverage = float(inside.sum() / max(1, (brain7.data > 0).sum()))
     ncc = masked_ncc(t3_head.data, t7b.data, inside)
-    corr = qc.corruption_min_slice(t7b.data, brain7.data, t7b.zooms)
-    m7 = qc.motion_score(t7b.data, csf7.data)
+    corr, m7 = ref["corr"], ref["motion"]
     m3 = qc.motion_score(t3a.data, csf3.data)
-    return {"t7": _masked(t7b, csf7), "t3": _masked(t3_head, csf7), "mask": brain7, "mask_csf": csf7,
-            "heads": {"t7_head": t7b, "t3_head": t3_head}, "ncc": ncc, "corr": corr, "motion": max(m7, m3),
+    return {"t7": t7b, "t3": _masked(t3_head, csf7), "mask": brain7, "mask_csf": csf7,
+            "heads": {"t3_head": t3_head}, "ncc": ncc, "corr": corr, "motion": max(m7, m3),
             "coverage": coverage,
             "details": {"motion_7t": m7, "motion_3t": m3, "dropout_ml": corr.dropout_ml, "coverage_3t": coverage,
-                        "smooth_ml": corr.smooth_ml, "mask_method_7t": method7, "mask_method_3t": method3},
+                        "smooth_ml": corr.smooth_ml, "mask_method_7t": ref["method"], "mask_method_3t": method3},
             "timings": timings, "registration": reg.params}
+
+
+def _process_pair(s: Subject, cfg: PreprocessConfig, tmp: Path, threads: int | None) -> dict:
+    """7T + 3T: returns the arrays to save and the QC / provenance facts."""
+    timings: dict[str, float] = {}
+    ref = process_7t(s.t7, cfg, threads, timings)  # type: ignore[arg-type]
+    out = register_3t(s.t3, ref, cfg, tmp, threads, timings)
+    out["heads"] = {"t7_head": ref["head"], **out["heads"]}
+    return out
 
 
 def _process_single(s: Subject, cfg: PreprocessConfig, threads: int | None) -> dict:
@@ -265,6 +292,15 @@ def _write_subject(out: dict, s: Subject, pseudo: str, cfg: PreprocessConfig, tm
     save_volume(tmp / "mask.nii.gz", out["mask"], dtype=np.uint8)
     save_volume(tmp / "mask_csf.nii.gz", out["mask_csf"], dtype=np.uint8)
     write_json(tmp / "subject.json", anonymize.subject_record(s, pseudo))
+    record = write_qc(out, s, pseudo, cfg, tmp)
+    if cfg.keep_head and cfg.private_dir is not None:
+        for name, vol in out["heads"].items():
+            save_volume(Path(cfg.private_dir) / pseudo / f"{name}.nii.gz", vol)
+    return record
+
+
+def write_qc(out: dict, s: Subject, name: str, cfg: PreprocessConfig, tmp: Path) -> dict:
+    """qc.json, qc.png and provenance.json of one 3T (with its 7T) into ``tmp``; returns the qc record."""
     record = qc.decide(min_slice_detected=out["corr"].min_slice, motion=out["motion"], ncc=out["ncc"],
                        n_slices=out["mask"].shape[2], motion_threshold=cfg.motion_threshold,
                        ncc_threshold=cfg.ncc_threshold, min_slice_override=s.min_slice, exclude=s.exclude,
@@ -275,17 +311,14 @@ def _write_subject(out: dict, s: Subject, pseudo: str, cfg: PreprocessConfig, tm
     images = {k.upper(): out[k].data for k in ("t3", "t7") if k in out}
     status = "REJECTED" if record["rejected"] else "flagged" if record["flagged"] else "ok"
     qc.qc_figure(tmp / "qc.png", images, out["mask"].data, record["min_slice"],
-                 title=f"{pseudo}: {status}, motion {record['motion_score']:.2f}, min_slice {record['min_slice']}")
-    write_json(tmp / "provenance.json", {"versions": _versions(), "params": cfg.method_params(),
+                 title=f"{name}: {status}, motion {record['motion_score']:.2f}, min_slice {record['min_slice']}")
+    write_json(tmp / "provenance.json", {"versions": versions(), "params": cfg.method_params(),
                                           "params_hash": cfg.params_hash(), "timings_s": out["timings"],
                                           "registration": out["registration"], "qc": out["details"]})
-    if cfg.keep_head and cfg.private_dir is not None:
-        for name, vol in out["heads"].items():
-            save_volume(Path(cfg.private_dir) / pseudo / f"{name}.nii.gz", vol)
     return record
 
 
-def _install(tmp: Path, final: Path) -> None:
+def install(tmp: Path, final: Path) -> None:
     """Rename the finished ``tmp`` folder to ``final``, replacing an older version of it."""
     old = final.parent / f".{final.name}.old"
     if old.exists():
@@ -319,7 +352,7 @@ def process_subject(s: Subject, pseudo: str, work: Path, cfg: PreprocessConfig,
     try:
         if s.exclude:
             return "rejected", "excluded in the manifest", None
-        if is_done(final, h):
+        if is_done(final, h) and (final / "qc.json").is_file():  # no qc.json: a multi-scan folder, redone
             record = read_json(final / "qc.json")
             return "skipped", "; ".join(record.get("reasons", [])) if record.get("rejected") else "", \
                 record.get("cut")
@@ -329,7 +362,7 @@ def process_subject(s: Subject, pseudo: str, work: Path, cfg: PreprocessConfig,
         out = _process_pair(s, cfg, tmp, threads) if s.t7 is not None else _process_single(s, cfg, threads)
         record = _write_subject(out, s, pseudo, cfg, tmp)
         write_json(tmp / ".done", {"params_hash": h})
-        _install(tmp, final)
+        install(tmp, final)
         if record["rejected"]:
             return "rejected", "; ".join(record["reasons"]), record["cut"]
         return "done", "; ".join(record["reasons"]), record["cut"]
@@ -353,12 +386,22 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker(s: Subject, pseudo: str, work: Path, cfg_json: str,
-            threads: int) -> tuple[str, str, dict | None, float]:
+def process_unit(rows: list[Subject], pseudo: str, work: Path, cfg: PreprocessConfig, key: bytes,
+                 threads: int | None = None) -> list[tuple[Subject, str, str, dict | None]]:
+    """One subject's rows: a single pair or prediction-only scan (:func:`process_subject`), or several 3T
+    scans with one 7T (:mod:`synth7t.preprocess.multiscan`). Returns ``(row, status, reason, cut)`` per row."""
+    from synth7t.preprocess import multiscan  # imports this module
+
+    if not multiscan.is_multi(rows):
+        return [(rows[0], *process_subject(rows[0], pseudo, work, cfg, threads))]
+    return multiscan.process_scans(rows, pseudo, work, cfg, key, threads)
+
+
+def _worker(rows: list[Subject], pseudo: str, work: Path, cfg_json: str, key: bytes,
+            threads: int) -> tuple[list, float]:
     t0 = time.perf_counter()
     cfg = PreprocessConfig.model_validate_json(cfg_json)
-    status, reason, cut = process_subject(s, pseudo, work, cfg, threads)
-    return status, reason, cut, time.perf_counter() - t0
+    return process_unit(rows, pseudo, work, cfg, key, threads), time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,14 +409,16 @@ def _worker(s: Subject, pseudo: str, work: Path, cfg_json: str,
 
 
 def select_shard(subjects: list[Subject], shard: tuple[int, int] | None) -> list[Subject]:
-    """Subjects sorted by ID; with ``shard=(k, n)`` every n-th starting at index k."""
-    ordered = sorted(subjects, key=lambda s: s.subject)
+    """Rows sorted by subject ID (then session); with ``shard=(k, n)`` the rows of every n-th subject ID starting
+    at index k: all 3T scans of one subject land in one shard, so its 7T is processed by one task."""
+    ordered = sorted(subjects, key=lambda s: (s.subject, s.session or ""))
     if shard is None:
         return ordered
     k, n = shard
     if not (n >= 1 and 0 <= k < n):
         raise ConfigError(f"shard {k}/{n}: need 0 <= k < n")
-    return ordered[k::n]
+    ids = set(sorted({s.subject for s in ordered})[k::n])
+    return [s for s in ordered if s.subject in ids]
 
 
 def update_cohort(work: Path, entries: dict[str, dict], params_hash: str) -> Path:
@@ -433,65 +478,76 @@ def preprocess(manifest_or_subjects: str | os.PathLike | list[Subject], out: str
     subjects = select_shard(_subjects(manifest_or_subjects), cfg.shard)
     key = anonymize.resolve_key(work, pseudonym_key, cfg.key_file)
     names = anonymize.pseudonyms(subjects, key)
+    from synth7t.preprocess import multiscan  # imports this module
+
+    units = multiscan.group_rows(subjects)
     if cfg.mapping_file is not None:
-        anonymize.write_mapping(Path(cfg.mapping_file), names, work=work)
+        anonymize.write_mapping(Path(cfg.mapping_file), {**names, **multiscan.scan_names(units, names, key)},
+                                work=work)
     result = PreprocessResult(pseudonyms=dict(names), work=work)
     h = cfg.params_hash()
     threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
-    log.info("preprocessing %d subject(s) into %s (jobs %d, %d thread(s) each, params %s)", len(subjects),
+    log.info("preprocessing %d subject(s) into %s (jobs %d, %d thread(s) each, params %s)", len(units),
              work, cfg.jobs, threads, h)
-    entries: dict[str, dict] = {}
 
-    def record(s: Subject, status: str, reason: str, cut: dict | None, seconds: float) -> None:
-        pseudo = names[s.subject]
-        {"done": result.done, "skipped": result.skipped, "rejected": result.rejected}.get(
-            status, []).append(s.subject)
-        if status == "failed":
-            result.failed[s.subject] = reason
-        if status == "skipped":
-            prev = read_json(work / "cohort.json").get("subjects", {}).get(pseudo) if (
-                work / "cohort.json").exists() else None
-            entries[pseudo] = prev or {"status": "done", "reason": reason}
+    def record(rows: list[Subject], results: list, seconds: float) -> None:
+        pseudo = names[rows[0].subject]
+        entries = {}
+        for s, status, reason, cut in results:
+            label = multiscan.row_label(s)
+            {"done": result.done, "skipped": result.skipped, "rejected": result.rejected}.get(
+                status, []).append(label)
+            if status == "failed":
+                result.failed[label] = reason
+            if cut and cut.get("slices") and status in ("done", "skipped"):
+                result.cuts[label] = cut
+            cut_text = f"; {describe_cut(cut)}" if cut is not None and status != "failed" else ""
+            log.info("%s -> %s: %s%s%s (%.1f s)", label, pseudo, status, f" ({reason})" if reason else "",
+                     cut_text, seconds)
+            entries[label] = {"status": "done" if status == "done" else status, "reason": reason}
+        prev = read_json(work / "cohort.json").get("subjects", {}).get(pseudo) if (
+            work / "cohort.json").exists() else None
+        if multiscan.is_multi(rows):
+            entry = multiscan.cohort_entry(rows, entries, prev, key)
         else:
-            entries[pseudo] = {"status": "done" if status == "done" else status, "reason": reason}
-        if cut and cut.get("slices") and status in ("done", "skipped"):
-            result.cuts[s.subject] = cut
-        cut_text = f"; {describe_cut(cut)}" if cut is not None and status != "failed" else ""
-        log.info("%s -> %s: %s%s%s (%.1f s)", s.subject, pseudo, status, f" ({reason})" if reason else "",
-                 cut_text, seconds)
-        update_cohort(work, {pseudo: entries[pseudo]}, h)
+            entry = next(iter(entries.values()))
+            if entry["status"] == "skipped":
+                entry = prev or {"status": "done", "reason": entry["reason"]}
+        update_cohort(work, {pseudo: entry}, h)
 
     prog, task = _progress(cfg.progress, len(subjects))
     with prog:
         if cfg.jobs == 1:
             set_threads(threads)
-            for s in subjects:
+            for rows in units:
                 t0 = time.perf_counter()
-                status, reason, cut = process_subject(s, names[s.subject], work, cfg, threads)
-                record(s, status, reason, cut, time.perf_counter() - t0)
-                prog.advance(task)
+                results = process_unit(rows, names[rows[0].subject], work, cfg, key, threads)
+                record(rows, results, time.perf_counter() - t0)
+                prog.advance(task, len(rows))
         else:
-            _run_pool(subjects, names, work, cfg, threads, record, lambda: prog.advance(task))
+            _run_pool(units, names, work, cfg, key, threads, record, lambda n: prog.advance(task, n))
     if not subjects:
         update_cohort(work, {}, h)
     return result
 
 
-def _run_pool(subjects, names, work, cfg, threads, record, advance) -> None:
+def _run_pool(units, names, work, cfg, key, threads, record, advance) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     cfg_json = cfg.model_dump_json()
     with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(_worker, s, names[s.subject], work, cfg_json, threads): s for s in subjects}
+        futures = {pool.submit(_worker, rows, names[rows[0].subject], work, cfg_json, key, threads): rows
+                   for rows in units}
         for fut in as_completed(futures):
-            s = futures[fut]
+            rows = futures[fut]
             try:
-                status, reason, cut, dt = fut.result()
+                results, dt = fut.result()
             except BrokenProcessPool:
-                status, reason, cut, dt = "failed", "worker process died (out of memory or killed)", None, 0.0
+                results, dt = [(s, "failed", "worker process died (out of memory or killed)", None)
+                               for s in rows], 0.0
             except Exception as exc:  # pickling or other pool-level errors
-                status, reason, cut, dt = "failed", f"{type(exc).__name__}: {exc}", None, 0.0
-            record(s, status, reason, cut, dt)
-            advance()
+                results, dt = [(s, "failed", f"{type(exc).__name__}: {exc}", None) for s in rows], 0.0
+            record(rows, results, dt)
+            advance(len(rows))
