@@ -247,3 +247,20 @@ def test_synth7t_predict_end_to_end_does_not_import_lightning(tiny_model, tmp_pa
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "out" / "brain" / "syn7t.nii.gz").is_file()
+
+
+def test_manifest_with_several_scans_per_subject_names_one_output_per_session(tmp_path):
+    """A training manifest with several 3T sessions of one subject (issue 16) predicts one output per session."""
+    from synth7t.inference import PredictOptions, collect_inputs
+
+    scans = []
+    for name in ("a1", "a2", "b", "a7"):
+        f = tmp_path / f"{name}.nii.gz"
+        f.write_bytes(b"")  # collect_inputs only lists the jobs; nothing is read here
+        scans.append(f)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"subject,t3,t7,session,age\nA,{scans[0]},{scans[3]},1,70\nA,{scans[1]},{scans[3]},2,70\n"
+                        f"B,{scans[2]},,,65\n")
+    jobs = collect_inputs([manifest], PredictOptions())
+    assert [(j.subject, j.t3.name, j.age) for j in jobs] == [("A_1", "a1.nii.gz", 70), ("A_2", "a2.nii.gz", 70),
+                                                            ("B", "b.nii.gz", 65)]

@@ -35,8 +35,9 @@ def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Subje
                 raise InputError(f"{p}: folder holds no .nii/.nii.gz/.mgz file")
             jobs += [Subject(_stem(f), f, age=age, sex=sex, diagnosis=diagnosis) for f in files]
         elif p.suffix.lower() in (".csv", ".tsv"):
-            for s in read_manifest(p):
-                jobs.append(Subject(s.subject, s.t3, age=s.age if s.age is not None else age, sex=s.sex or sex,
+            for s in read_manifest(p):  # several 3T scans of one subject: one output per session
+                name = s.subject if s.session is None else f"{s.subject}_{s.session}"
+                jobs.append(Subject(name, s.t3, age=s.age if s.age is not None else age, sex=s.sex or sex,
                                     diagnosis=s.diagnosis or diagnosis))
         else:
             jobs.append(Subject(_stem(p), p, age=age, sex=sex, diagnosis=diagnosis))
