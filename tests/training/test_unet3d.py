@@ -16,16 +16,10 @@ from synth7t.model_folder import load_generator
 from synth7t.nn import UNet, UNet3D, UNet3DConfig, build_generator
 from synth7t.training import train
 
-# tiny3d, smaller still: 16^3 cubes, 2 epochs of 3 batches of 2, validation each epoch
-FAST_3D = {"data.patch3d": 16, "data.batch_size": 2, "data.patches_per_subject": 2, "data.val_patches": 2,
-           "trainer.max_epochs": 2, "trainer.limit_train_batches": 3, "trainer.val_every_n_epochs": 1,
-           "trainer.log_every_n_steps": 1, "trainer.threads": 1}
-
 
 @pytest.fixture(scope="module")
-def model3d(tiny_store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("m3d") / "run"
-    return train(tiny_store[1], out, preset="tiny3d", overrides=FAST_3D, progress=False, device="cpu")
+def model3d(tiny3d_model):
+    return tiny3d_model
 
 
 def test_cube_helpers_pad_small_volumes():
@@ -122,9 +116,9 @@ class _Kill:
         return Kill()
 
 
-def test_tiny3d_killed_run_resumes_exactly(tiny_store, tmp_path):
+def test_tiny3d_killed_run_resumes_exactly(tiny_store, tmp_path, fast_3d):
     store = tiny_store[1]
-    over = {**FAST_3D, "trainer.checkpoint_every_steps": 2, "trainer.max_epochs": 3, "model.dropout": 0.1}
+    over = {**fast_3d, "trainer.checkpoint_every_steps": 2, "trainer.max_epochs": 3, "model.dropout": 0.1}
     full = train(store, tmp_path / "full", preset="tiny3d", overrides=over, progress=False, device="cpu")
     out = tmp_path / "killed"
     with pytest.raises(RuntimeError, match="simulated kill"):

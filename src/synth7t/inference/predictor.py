@@ -82,7 +82,7 @@ class Predictor:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.dtype = self._dtype(precision)
         self.n_slices = int(self.config["n_slices"])
-        self.multiple = int(self.config.get("multiple", 2 ** (len(self.config["model"]["channel_mult"]) - 1)))
+        self.multiple = int(self.config.get("multiple") or self.net.cfg.downsample_factor)
         norm = self.config.get("normalization", {})
         self.lower_pct = float(norm.get("lower_pct", 1.0))
         self.upper_pct = float(norm.get("upper_pct", 99.0))
