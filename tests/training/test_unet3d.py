@@ -126,3 +126,17 @@ def test_tiny3d_killed_run_resumes_exactly(tiny_store, tmp_path, fast_3d):
     train(store, out, resume=True, progress=False, device="cpu")
     a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_3d_loss_applies_the_2d_perceptual_network_per_axial_slice(tiny_store, tmp_path, fast_3d):
+    pytest.importorskip("deepbet")
+    over = {**fast_3d, "loss.perceptual": "deepbet", "loss.perceptual_weight": 1e-3, "trainer.max_epochs": 1,
+            "trainer.limit_train_batches": 2}
+    out = train(tiny_store[1], tmp_path / "perc", preset="tiny3d", overrides=over, progress=False, device="cpu")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["perceptual"] == "deepbet"
+    from synth7t.training.module import axial_slices
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 1, 3, 4, 5)
+    s = axial_slices(x)
+    assert s.shape == (6, 1, 4, 5) and torch.equal(s[4, 0], x[1, 0, 1])
