@@ -200,30 +200,16 @@ class UNet3DConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["unet3d"] = "unet3d"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    num_res_units: int = 2
+    channels: tuple[int, ...] = Field((16, 32, 64, 128), min_length=2)
+    num_res_units: int = Field(2, ge=0)
     norm: Literal["instance", "batch"] = "instance"
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("channels")
     @classmethod
     def _channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if len(v) < 2 or any(c < 1 for c in v):
-            raise ValueError(f"channels must list at least two positive stage widths, got {v}")
-        return v
-
-    @field_validator("num_res_units")
-    @classmethod
-    def _units(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"num_res_units must be >= 0, got {v}")
-        return v
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {v}")
+        if any(c < 1 for c in v):
+            raise ValueError(f"channels must be positive stage widths, got {v}")
         return v
 
     @property
