@@ -219,6 +219,9 @@ def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            parts = [str(p) for p in err["loc"]]
+            if parts[:1] == ["model"] and parts[1:2] in (["unet"], ["unet3d"]):
+                del parts[1]  # the model kind's tag that pydantic puts in the location
+            loc = ".".join(parts) or "(top level)"
             problems.append(f"{loc}: {err['msg']}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
