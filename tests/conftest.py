@@ -97,6 +97,26 @@ def tiny_model(tiny_store, tmp_path_factory):  # noqa: D401
     return train(tiny_store[1], out, preset="tiny", overrides=FAST_TRAINING, progress=False)
 
 
+# the tiny3d preset, smaller still: 16^3 cubes, 2 epochs of 3 batches of 2, validation each epoch
+FAST_3D = {"data.patch3d": 16, "data.batch_size": 2, "data.patches_per_subject": 2, "data.val_patches": 2,
+           "trainer.max_epochs": 2, "trainer.limit_train_batches": 3, "trainer.val_every_n_epochs": 1,
+           "trainer.log_every_n_steps": 1, "trainer.threads": 1}
+
+
+@pytest.fixture(scope="session")
+def fast_3d():
+    return dict(FAST_3D)
+
+
+@pytest.fixture(scope="session")
+def tiny3d_model(tiny_store, tmp_path_factory):
+    """A 3-D patch model folder (tiny3d preset, FAST_3D) trained briefly on the tiny store."""
+    from synth7t.training import train
+
+    out = tmp_path_factory.mktemp("model3d") / "run"
+    return train(tiny_store[1], out, preset="tiny3d", overrides=FAST_3D, progress=False, device="cpu")
+
+
 def shared_heads() -> list[Path]:
     """Every NIfTI head in ../shared/data/heads (empty where the folder is absent)."""
     root = shared_data()

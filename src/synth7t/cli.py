@@ -227,7 +227,8 @@ def pack(
 def train(
     store: Annotated[Path, typer.Argument(help="Slice store written by `synth7t pack`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (model folder + checkpoints + logs).")],
-    preset: Annotated[str, typer.Option(help="unc, biofinder, gan (thesis) or tiny (CPU), or a YAML file.")] = "tiny",
+    preset: Annotated[str, typer.Option(help="unc, biofinder, gan (thesis), tiny (CPU), patch3d (3-D patches), "
+                                              "tiny3d (3-D, CPU), or a YAML file.")] = "tiny",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: model.n_res=2")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

@@ -1,8 +1,9 @@
 """Typed training configuration and its presets (thesis appendix tables 2 and 3).
 
 One :class:`TrainConfig` object describes a run; it is built from a preset YAML (``unc``, ``biofinder``,
-``gan``, ``tiny`` in ``synth7t/presets/`` or a user's file), overridden field by field from the command line
-(``--set model.n_res=2``), validated, and saved in the run folder as ``config.json``.
+``gan``, ``tiny``, and the 3-D ``patch3d`` and ``tiny3d`` in ``synth7t/presets/`` or a user's file), overridden
+field by field from the command line (``--set model.n_res=2``), validated, and saved in the run folder as
+``config.json``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from synth7t.dataset.augment import AugmentConfig
 from synth7t.errors import ConfigError
 from synth7t.intensity import NYUL_PERCENTILES
-from synth7t.nn.config import CriticConfig, UNetConfig
+from synth7t.nn.config import CriticConfig, GeneratorConfig, UNet3DConfig, UNetConfig
 
-PRESETS = ("unc", "biofinder", "gan", "tiny")
+PRESETS = ("unc", "biofinder", "gan", "tiny", "patch3d", "tiny3d")
 
 
 class _Strict(BaseModel):
@@ -49,6 +50,11 @@ class DataConfig(_Strict):
     is in the contrast of its (standardized) input, not 7T contrast; ``predict`` needs nothing else. ``evaluate``
     keeps the real 7T as the reference, so such a model is expected to lose on intensity-sensitive metrics
     (PSNR) against the histogram-matching baselines: compare it by its gain over its own input's contrast.
+    ``patch3d`` (3-D models, ``model.kind: unet3d``, required there): train on cubes of this side cut from the
+    store's (Z, H, W) volumes, centred on a random brain voxel and zero-padded where a volume is smaller (a
+    multiple of the model's down-sampling factor); an epoch draws ``patches_per_subject`` cubes per training
+    subject, validation ``val_patches`` fixed cubes per validation subject. The 3-D model ignores the covariates
+    and takes no augmentation (``data.augment`` must be all off).
     """
 
     batch_size: int = Field(16, ge=1)
@@ -59,6 +65,9 @@ class DataConfig(_Strict):
     nyul_percentiles: tuple[float, ...] = NYUL_PERCENTILES
     match_target_to_input: bool = False
     augment: AugmentConfig = AugmentConfig()
+    patch3d: int | None = Field(None, ge=8)
+    patches_per_subject: int = Field(16, ge=1)
+    val_patches: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _percentiles_increase(self) -> DataConfig:
@@ -87,7 +96,9 @@ class OptimConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """L1 + perceptual_weight * perceptual (+ gan_weight * adversarial for the GAN preset; thesis 2.1.6, 2.2)."""
+    """L1 + perceptual_weight * perceptual (+ gan_weight * adversarial for the GAN preset; thesis 2.1.6, 2.2).
+
+    The perceptual networks are 2-D: a 3-D model's loss applies them to every axial slice of its patches."""
 
     perceptual: Literal["deepbet", "radimagenet", "none"] = "deepbet"
     perceptual_weight: float = Field(1e-3, ge=0)
@@ -114,7 +125,7 @@ class TrainerConfig(_Strict):
 
 class TrainConfig(_Strict):
     preset: str = "custom"
-    model: UNetConfig = UNetConfig()
+    model: GeneratorConfig = UNetConfig()
     critic: CriticConfig | None = None
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -125,8 +136,34 @@ class TrainConfig(_Strict):
     def is_gan(self) -> bool:
         return self.critic is not None
 
+    @property
+    def is_3d(self) -> bool:
+        return isinstance(self.model, UNet3DConfig)
+
+    @model_validator(mode="after")
+    def _fits_3d(self) -> TrainConfig:
+        p3 = self.data.patch3d
+        if not self.is_3d:
+            if p3 is not None:
+                raise ValueError("data.patch3d is for 3-D models (model.kind: unet3d)")
+            return self
+        f = self.model.downsample_factor
+        if p3 is None:
+            raise ValueError("a 3-D model (model.kind: unet3d) trains on cubes: set data.patch3d (e.g. 64)")
+        if p3 % f:
+            raise ValueError(f"data.patch3d {p3} is not a multiple of the model's down-sampling factor {f}")
+        if self.data.patch is not None:
+            raise ValueError("data.patch (2-D crops) does not apply to a 3-D model; use data.patch3d")
+        if self.critic is not None:
+            raise ValueError("the WGAN-GP critic is 2-D: a 3-D model (model.kind: unet3d) trains without one")
+        if self.data.augment.any_enabled:
+            raise ValueError("data.augment: the augmentations are 2-D; switch them off for a 3-D model")
+        return self
+
     @model_validator(mode="after")
     def _patch_fits(self) -> TrainConfig:
+        if self.is_3d:
+            return self
         p, f = self.data.patch, self.model.downsample_factor
         if p is not None and p % f:
             raise ValueError(f"data.patch {p} is not a multiple of the model's down-sampling factor {f}")
@@ -203,6 +240,9 @@ def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            parts = [str(p) for p in err["loc"]]
+            if parts[:1] == ["model"] and parts[1:2] in (["unet"], ["unet3d"]):
+                del parts[1]  # the model kind's tag that pydantic puts in the location
+            loc = ".".join(parts) or "(top level)"
             problems.append(f"{loc}: {err['msg']}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None

@@ -3,8 +3,9 @@
 A model folder holds ``model.safetensors`` (the generator's weights; no pickles), ``config.json`` (what
 inference needs: architecture, slices, grid, normalization, context, preprocessing recipe), ``metrics.json``,
 ``model_card.md`` and ``checksums.sha256`` (sha256 of each of those files). This module writes one
-(:func:`save_model_folder`), checks one (:func:`verify_model_folder`) and rebuilds the U-net from one
-(:func:`load_generator`). It imports neither Lightning nor :mod:`synth7t.training`, so prediction does not
+(:func:`save_model_folder`), checks one (:func:`verify_model_folder`) and rebuilds the generator from one
+(:func:`load_generator`: the 2.5D U-net, or the 3-D patch U-net when ``config.json["model"]["kind"]`` is
+``unet3d``). It imports neither Lightning nor :mod:`synth7t.training`, so prediction does not
 either; what goes *into* ``config.json`` and the card is decided by :mod:`synth7t.training.card`.
 """
 
@@ -94,7 +95,9 @@ def _verify(d: Path) -> tuple[dict, dict[str, str]]:
 
 
 def load_generator(model_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the U-net from a model folder (config.json + model.safetensors); returns (model, config)."""
+    """Rebuild the generator from a model folder (config.json + model.safetensors); returns (model, config).
+
+    ``config.json["model"]["kind"]`` chooses the network: ``unet3d`` the 3-D patch U-net, absent the 2.5D U-net."""
     net, cfg, _ = load_generator_with_digest(model_dir, device)
     return net, cfg
 
@@ -106,14 +109,13 @@ def load_generator_with_digest(model_dir: str | Path, device: str | torch.device
     """
     from safetensors.torch import load_file
 
-    from synth7t.nn import UNet
-    from synth7t.nn.config import UNetConfig
+    from synth7t.nn import build_generator
 
     d = Path(model_dir)
     cfg, digests = _verify(d)
     weights = d / "model.safetensors"
     try:
-        net = UNet(UNetConfig.model_validate(cfg["model"]))
+        net = build_generator(cfg["model"])  # dispatches on cfg["model"]["kind"]
         net.load_state_dict(load_file(str(weights), device="cpu"))
     except Exception as exc:  # a config/weights mismatch is a broken model folder, not a bug
         raise InputError(f"{model_dir}: weights do not match config.json ({str(exc).splitlines()[0]})") from None

@@ -29,6 +29,8 @@ OBJECTIVES = {"multi": ("val/psnr_brain", "val/ssim_brain"), "psnr": ("val/psnr_
 
 def search_space(trial, base: dict[str, Any]) -> dict[str, Any]:
     """Overrides for one trial: learning rate and schedule, width, depth, groups, attention, slices, losses."""
+    if (base.get("model") or {}).get("kind") == "unet3d":
+        return search_space_3d(trial, base)
     base_ch = int(base["model"]["channels"])
     channels = trial.suggest_categorical("model.channels", [max(8, base_ch // 2), base_ch, base_ch * 2])
     groups = trial.suggest_categorical("model.n_groups", [4, 8])
@@ -48,6 +50,22 @@ def search_space(trial, base: dict[str, Any]) -> dict[str, Any]:
     if base.get("critic"):
         over["loss.gan_weight"] = trial.suggest_float("loss.gan_weight", 0.01, 0.5, log=True)
     return over
+
+
+def search_space_3d(trial, base: dict[str, Any]) -> dict[str, Any]:
+    """Overrides for one trial of a 3-D patch model: learning rate and schedule, width (the base's stage widths
+    halved, kept or doubled), residual units per stage, perceptual weight."""
+    from synth7t.nn.config import UNet3DConfig
+
+    widths = tuple(base["model"].get("channels") or UNet3DConfig().channels)
+    scale = trial.suggest_categorical("model.width", [0.5, 1.0, 2.0])
+    return {
+        "optim.lr": trial.suggest_float("optim.lr", 1e-4, 5e-3, log=True),
+        "optim.schedule": trial.suggest_categorical("optim.schedule", ["plateau", "step", "epoch"]),
+        "model.channels": [max(4, int(c * scale)) for c in widths],
+        "model.num_res_units": trial.suggest_int("model.num_res_units", 1, 3),
+        "loss.perceptual_weight": trial.suggest_categorical("loss.perceptual_weight", [0.0, 1e-3, 5e-3]),
+    }
 
 
 def _pruning_callback(trial, multi: bool):

@@ -31,3 +31,11 @@ def test_three_trials_then_resume(tiny_store, tmp_path, fast_training):
                                                         optuna.trial.TrialState.PRUNED)]
     assert len(finished) == 4
     assert study.trials[3].state == optuna.trial.TrialState.FAIL
+
+
+def test_tune_accepts_the_3d_preset(tiny_store, tmp_path, fast_3d):
+    db = tune(tiny_store[1], tmp_path / "study3d", trials=2, budget_minutes=0.5, preset="tiny3d",
+              overrides={**fast_3d, "trainer.max_epochs": 1}, progress=False)
+    study = optuna.load_study(study_name="synth7t", storage=f"sqlite:///{db}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 and {"model.width", "model.num_res_units"} <= set(done[0].params)

@@ -1,5 +1,8 @@
 """The model side of prediction: options, results, and :class:`Predictor` (a loaded model on a device that turns
-a normalized slice stack into a synthetic 7T stack, with optional flip test-time augmentation)."""
+a normalized slice stack into a synthetic 7T stack, with optional flip test-time augmentation).
+
+A 2.5D model runs over the stack's slices in batches; a 3-D patch model (``config.json["model"]["kind"]``
+``unet3d``) over the whole stack by MONAI's ``sliding_window_inference`` (overlap 0.5, Gaussian weights)."""
 
 from __future__ import annotations
 
@@ -73,11 +76,13 @@ class Predictor:
         self.model_dir = Path(model_dir)
         self.device = torch.device(resolve_accelerator(device))
         self.net, self.config, self.checksum = load_generator_with_digest(model_dir, self.device)
-        if self.device.type == "cpu":
+        self.kind = self.config["model"].get("kind", "unet")
+        self.patch3d = int(self.config.get("patch3d") or 64) if self.kind == "unet3d" else None
+        if self.device.type == "cpu" and self.patch3d is None:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.dtype = self._dtype(precision)
         self.n_slices = int(self.config["n_slices"])
-        self.multiple = int(self.config.get("multiple", 2 ** (len(self.config["model"]["channel_mult"]) - 1)))
+        self.multiple = int(self.config.get("multiple") or self.net.cfg.downsample_factor)
         norm = self.config.get("normalization", {})
         self.lower_pct = float(norm.get("lower_pct", 1.0))
         self.upper_pct = float(norm.get("upper_pct", 99.0))
@@ -104,6 +109,8 @@ class Predictor:
         """
         if requested:
             return int(requested)
+        if self.patch3d is not None:  # cubes per forward pass of the sliding window
+            return 4 if self.device.type == "cuda" else 1
         ch = self.config["model"]["channels"]
         mult = self.config["model"]["channel_mult"]
         per_slice = 4 * hw[0] * hw[1] * sum(ch * m / 4**i for i, m in enumerate(mult)) * 12
@@ -130,7 +137,12 @@ class Predictor:
         while True:
             try:
                 flips = [False, True] if tta else [False]
-                outs = [self._run(stack, VolumeSlices, bs, age, sex, group, flip) for flip in flips]
+                def run(src: np.ndarray, bs: int = bs) -> np.ndarray:
+                    if self.patch3d:
+                        return self._run3d(src, bs)
+                    return self._run(src, VolumeSlices, bs, age, sex, group)
+
+                outs = [self._flipped(stack, flip, run) for flip in flips]
                 break
             except torch.OutOfMemoryError:
                 if bs == 1:
@@ -144,10 +156,28 @@ class Predictor:
         arr = np.stack(outs)
         return arr.mean(0), arr.std(0)
 
-    def _run(self, stack, volume_slices, bs, age, sex, group, flip: bool) -> np.ndarray:
-        src = stack[:, ::-1, :] if flip else stack  # flip along H = the R-L axis of the canonical grid
-        out = np.zeros(stack.shape, np.float32)
-        for batch in volume_slices(np.ascontiguousarray(src), self.n_slices, batch_size=bs, age=age, sex=sex,
+    @staticmethod
+    def _flipped(stack: np.ndarray, flip: bool, run) -> np.ndarray:
+        """``run`` on the stack, or on it flipped along H (the R-L axis of the canonical grid) and flipped back."""
+        if not flip:
+            return run(np.ascontiguousarray(stack))
+        return run(np.ascontiguousarray(stack[:, ::-1, :]))[:, ::-1, :].copy()
+
+    def _run3d(self, src: np.ndarray, bs: int) -> np.ndarray:
+        """The 3-D model over the whole (Z, H, W) stack: MONAI's sliding window of ``patch3d`` cubes (each side
+        cut to the stack's, rounded up to the model's multiple), overlap 0.5, Gaussian blending."""
+        from monai.inferers import sliding_window_inference
+
+        f = self.multiple
+        roi = tuple(min(self.patch3d, -(-s // f) * f) for s in src.shape)
+        x = torch.from_numpy(np.asarray(src, np.float32)).to(self.device)[None, None]
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            y = sliding_window_inference(x, roi, bs, self.net, overlap=0.5, mode="gaussian")
+        return y[0, 0].float().clamp(0, 1).cpu().numpy()
+
+    def _run(self, src, volume_slices, bs, age, sex, group) -> np.ndarray:
+        out = np.zeros(src.shape, np.float32)
+        for batch in volume_slices(src, self.n_slices, batch_size=bs, age=age, sex=sex,
                                    group=group):
             x = torch.from_numpy(batch["input"]).to(self.device)
             c = torch.from_numpy(batch["context"]).to(self.device)
@@ -156,7 +186,7 @@ class Predictor:
             with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                 y = self.net(x, c)
             out[batch["slice"]] = y[:, 0].float().clamp(0, 1).cpu().numpy()
-        return out[:, ::-1, :].copy() if flip else out
+        return out
 
 
 def _standardization_record(model_dir, config: dict) -> dict | None:

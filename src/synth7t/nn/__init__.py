@@ -1,4 +1,5 @@
-"""Neural networks of synth7t: the 2.5D attention residual U-net, the WGAN-GP patch critic and the losses.
+"""Neural networks of synth7t: the 2.5D attention residual U-net, the 3-D patch U-net (MONAI's), the WGAN-GP patch
+critic and the losses.
 
 See ``synth7t.nn.unet`` for the architecture (thesis 2.1-2.2). Importing this package loads torch but
 neither MONAI nor deepbet (the perceptual networks are built on demand by :func:`build_perceptual`).
@@ -14,7 +15,7 @@ from .blocks import (
     TransformerBlock,
     sinusoidal_2d,
 )
-from .config import CONTEXT_DIM, CriticConfig, UNetConfig
+from .config import CONTEXT_DIM, CriticConfig, UNet3DConfig, UNetConfig, generator_config
 from .critic import CriticResBlock, PatchCritic
 from .losses import (
     PERCEPTUAL_KINDS,
@@ -26,6 +27,7 @@ from .losses import (
     gradient_penalty,
 )
 from .unet import UNet
+from .unet3d import UNet3D, build_generator
 
 __all__ = [
     "CONTEXT_DIM",
@@ -43,10 +45,14 @@ __all__ = [
     "SynthesisLoss",
     "TransformerBlock",
     "UNet",
+    "UNet3D",
+    "UNet3DConfig",
     "UNetConfig",
+    "build_generator",
     "build_perceptual",
     "critic_loss",
     "generator_adv_loss",
+    "generator_config",
     "gradient_penalty",
     "sinusoidal_2d",
 ]

@@ -8,9 +8,9 @@ expected, before any tensor is allocated.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
 from synth7t.dataset.context import CONTEXT_DIM  # the covariate vector of docs/data-layout.md
 
@@ -52,6 +52,8 @@ class UNetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # the architecture kind (see GeneratorConfig); not written: a model folder without "kind" is this 2.5D U-net
+    kind: Literal["unet"] = Field("unet", exclude=True)
     in_slices: int = 3
     channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)
@@ -184,3 +186,64 @@ class CriticConfig(BaseModel):
     def downsample_factor(self) -> int:
         """H and W of the critic's input must be multiples of ``2**n_layers``."""
         return 2**self.n_layers
+
+
+class UNet3DConfig(BaseModel):
+    """Architecture of the 3-D residual U-net trained on cubic patches (issue 16; :mod:`synth7t.nn.unet3d`).
+
+    MONAI's ``UNet`` with residual units: ``len(channels)`` stages, stage ``i`` has ``channels[i]`` channels, each
+    down step is a stride-2 residual unit of ``num_res_units`` convolutions (3x3x3, ``norm``, PReLU), the up path
+    transposed convolutions and skip concatenations. The network predicts a residual added to its 3T input, as the
+    2.5D U-net does. It has no covariate input: the covariates (age, sex, diagnosis) are ignored by 3-D models.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["unet3d"] = "unet3d"
+    channels: tuple[int, ...] = Field((16, 32, 64, 128), min_length=2)
+    num_res_units: int = Field(2, ge=0)
+    norm: Literal["instance", "batch"] = "instance"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(c < 1 for c in v):
+            raise ValueError(f"channels must be positive stage widths, got {v}")
+        return v
+
+    @property
+    def in_slices(self) -> int:
+        """One input channel: the 3T patch itself (written to a model folder as ``n_slices``)."""
+        return 1
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(self.channels)
+
+    @property
+    def context_dim(self) -> int:
+        """The covariate vector's length (the model is called with it, and ignores it)."""
+        return CONTEXT_DIM
+
+    @property
+    def downsample_factor(self) -> int:
+        """Each side of a patch must be a multiple of ``2**(len(channels) - 1)``."""
+        return 2 ** (len(self.channels) - 1)
+
+
+def _kind(value: Any) -> str:
+    """The architecture kind of a model section (dict or config object); absent = the 2.5D ``unet``."""
+    return value.get("kind", "unet") if isinstance(value, dict) else getattr(value, "kind", "unet")
+
+
+#: A generator's settings: ``model.kind`` ``unet`` (or absent; 2.5D, :class:`UNetConfig`) or ``unet3d``.
+GeneratorConfig = Annotated[
+    Annotated[UNetConfig, Tag("unet")] | Annotated[UNet3DConfig, Tag("unet3d")], Discriminator(_kind)
+]
+_GENERATOR = TypeAdapter(GeneratorConfig)
+
+
+def generator_config(data: dict | UNetConfig | UNet3DConfig) -> UNetConfig | UNet3DConfig:
+    """A model section (``config.json["model"]``) -> its validated config, by ``kind`` (ValueError if bad)."""
+    return _GENERATOR.validate_python(data)

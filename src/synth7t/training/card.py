@@ -51,12 +51,14 @@ def model_config(cfg: TrainConfig, store, module) -> dict:
         data = {"store": str(Path(store.root).resolve().name), "n_train": len(store.split_subjects("train")),
                 "n_val": len(store.split_subjects("val")), "n_test": len(store.split_subjects("test")),
                 "simulated": bool(meta.get("simulated", False))}
+    three_d = {"patch3d": cfg.data.patch3d, "covariates": "ignored"} if cfg.is_3d else {}
     return {
         "format": "synth7t-model",
         "synth7t_version": __version__,
         "preset": cfg.preset,
-        "architecture": "attention residual U-net (2.5D)",
-        "model": cfg.model.model_dump(mode="json"),
+        "architecture": "residual U-net (3-D patches, MONAI UNet)" if cfg.is_3d else "attention residual U-net (2.5D)",
+        "model": cfg.model.model_dump(mode="json"),  # "kind": "unet3d" for a 3-D model, absent for the 2.5D U-net
+        **three_d,
         "n_slices": cfg.model.in_slices,
         "slice_axis": "axial (canonical RAS+ axis 2)",
         "voxel_size_mm": store_voxel_size(store) if store is not None else [0.65, 0.65, 0.65],
@@ -83,7 +85,9 @@ def store_voxel_size(store) -> list[float]:
 
 
 def architecture_summary(m) -> str:
-    """One line on the attention design of a UNetConfig, for the model card."""
+    """One line on the attention design of a UNetConfig (the residual units of a UNet3DConfig), for the card."""
+    if m.kind == "unet3d":
+        return f"{m.num_res_units} residual units per stage, {m.norm} norm, covariates ignored"
     heads = f"{m.attention_heads} head{'s' if m.attention_heads != 1 else ''}" if m.attention_heads else \
         f"heads of {m.head_dim} channels"
     if m.attention_block == "thesis":
@@ -109,7 +113,7 @@ def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
     return (
         f"# synth7t model ({cfg.preset})\n\n"
         f"Turns 3T T1-weighted brain MRI into a synthetic 7T-like image at {d['voxel_size_mm']} mm.\n\n"
-        f"- Architecture: 2.5D attention residual U-net, {cfg.model.in_slices} input slices, channels "
+        f"- Architecture: {_architecture_name(cfg)}, channels "
         f"{cfg.model.stage_channels}, {architecture_summary(cfg.model)}, "
         f"{'WGAN-GP critic' if cfg.is_gan else 'no critic'}; {d['parameters']:,} parameters.\n"
         f"- Input standardization: {d.get('input_standardization', {}).get('method', 'none')}. Output contrast: "
@@ -124,6 +128,13 @@ def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
         "from paired data; they can miss or invent detail, especially for anatomy unlike the training cohort\n"
         "(lesions, other scanners, children).\n\n**Not a clinical device. Not for diagnosis or treatment decisions.**\n"
     )
+
+
+def _architecture_name(cfg: TrainConfig) -> str:
+    if cfg.is_3d:
+        p = cfg.data.patch3d
+        return f"3-D residual U-net (MONAI UNet) trained on {p}x{p}x{p} patches, predicting by sliding window"
+    return f"2.5D attention residual U-net, {cfg.model.in_slices} input slices"
 
 
 def _init_line(init_from: dict | None) -> str:

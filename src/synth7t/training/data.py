@@ -201,9 +201,12 @@ def input_standardization(store, cfg: TrainConfig) -> dict:
 
 
 def make_loaders(store, cfg: TrainConfig, seed: int):
+    """(train loader, validation loader or None) of a store: 2.5D slice samples, or 3-D cubes for a 3-D model."""
     from synth7t.dataset.augment import Augmenter
     from synth7t.dataset.slices import SliceDataset
 
+    if cfg.is_3d:
+        return _make_loaders_3d(store, cfg, seed)
     augment = Augmenter(cfg.data.augment, seed=seed) if cfg.data.augment.any_enabled else None
     ds_kw = dict(n_slices=cfg.model.in_slices, seed=seed, standardize=input_standardization(store, cfg),
                  match_target=cfg.data.match_target_to_input)
@@ -229,3 +232,25 @@ def make_loaders(store, cfg: TrainConfig, seed: int):
                                           generator=torch.Generator().manual_seed(seed), **common)
     return train, val
 
+
+
+def _make_loaders_3d(store, cfg: TrainConfig, seed: int):
+    """The loaders of a 3-D model: random cubes of the training subjects, fixed cubes of the validation ones
+    (:class:`~synth7t.dataset.patches3d.PatchDataset3D`), with the 2.5D loaders' sampler and exact resume."""
+    from synth7t.dataset.patches3d import PatchDataset3D
+
+    d, reference = cfg.data, input_reference(store, cfg)
+    train_ds = PatchDataset3D(store, "train", d.patch3d, d.patches_per_subject, seed=seed, standardize=reference)
+    val_ds = PatchDataset3D(store, "val", d.patch3d, d.val_patches, seed=seed, fixed=True, standardize=reference)
+    if len(train_ds) == 0:
+        raise InputError(f"{store.root}: the train split has no subject with a 7T")
+    common = dict(batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate,
+                  persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
+    train = ResumableLoader(EpochIndexed(train_ds), sampler=EpochSampler(len(train_ds), seed, batch_size=d.batch_size),
+                            generator=torch.Generator().manual_seed(seed), **common)
+    val = None
+    if len(val_ds):
+        val = torch.utils.data.DataLoader(EpochIndexed(val_ds), sampler=EpochSampler(len(val_ds), seed, False,
+                                                                                     even=False),
+                                          generator=torch.Generator().manual_seed(seed), **common)
+    return train, val

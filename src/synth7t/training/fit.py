@@ -174,10 +174,10 @@ def config_for_init(src_cfg: dict, init: Path, preset, overrides: dict | None, c
                     ) -> TrainConfig:
     """The run's configuration when fine-tuning from ``init``: the preset (or ``config``) and overrides for the
     training settings, the source model's architecture. An override that changes the architecture is refused."""
-    from synth7t.nn.config import UNetConfig
+    from synth7t.nn.config import generator_config
 
     try:
-        src_model = UNetConfig.model_validate(src_cfg["model"]).model_dump(mode="json")
+        src_model = generator_config(src_cfg["model"]).model_dump(mode="json")
     except Exception as exc:  # noqa: BLE001 - load_generator built it already; keep the message to one line
         raise InputError(f"{init / 'config.json'}: unusable model section ({str(exc).splitlines()[0]})") from None
     overrides = dict(overrides or {})
@@ -275,6 +275,8 @@ def _resume_checkpoint(ckpt_dir: Path, resume: bool, clean: bool = True) -> str 
 
 def _warn_patch_positions(cfg: TrainConfig) -> None:
     m = cfg.model
+    if cfg.is_3d:
+        return
     if cfg.data.patch and not cfg.data.patch_offsets and m.self_attention and m.attention_stages:
         log.warning("training on %d-pixel patches with self-attention but data.patch_offsets false: positions "
                     "restart at each patch's corner, unlike prediction on whole slices (set data.patch_offsets=true)",
@@ -282,6 +284,8 @@ def _warn_patch_positions(cfg: TrainConfig) -> None:
 
 
 def _check_store_fits(store, cfg: TrainConfig) -> None:
+    if cfg.is_3d:  # cubes are zero-padded where a volume is smaller; prediction pads its sliding windows
+        return
     h, w = store.hw
     f = cfg.model.downsample_factor
     if h % f or w % f:

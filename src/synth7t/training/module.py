@@ -56,6 +56,13 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch
     vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
 
+def axial_slices(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, Z, H, W) 3-D patches -> (B * Z, C, H, W) axial slices (the store's axis 0); 2-D batches unchanged."""
+    if t.ndim != 5:
+        return t
+    b, c, z, h, w = t.shape
+    return t.transpose(1, 2).reshape(b * z, c, h, w)
+
 # ---------------------------------------------------------------------------------------------------------
 # the module
 
@@ -65,11 +72,11 @@ class Synth7tModule(pl.LightningModule):
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
-        from synth7t.nn import UNet
+        from synth7t.nn import build_generator
 
         self.save_hyperparameters({"config": config})
         self.cfg = validate_config(config)
-        self.generator = UNet(self.cfg.model)
+        self.generator = build_generator(self.cfg.model)  # the 2.5D U-net or the 3-D patch U-net (model.kind)
         self.critic = None
         if self.cfg.is_gan:
             from synth7t.nn import PatchCritic
@@ -102,6 +109,7 @@ class Synth7tModule(pl.LightningModule):
         """L1 + lambda_perc * perceptual (thesis 2.1.6) by :class:`~synth7t.nn.losses.SynthesisLoss`, keyed for
         the logs: ``l1``, ``perceptual`` (only with a perceptual network) and ``loss`` (the total)."""
         weight = self.cfg.loss.perceptual_weight if self.perceptual is not None else 0.0
+        pred, target = axial_slices(pred), axial_slices(target)  # 3-D patches: the 2-D losses per axial slice
         # a light wrapper made per call: the perceptual network stays registered here only (as before)
         parts = SynthesisLoss(self.perceptual, weight)(pred, target)
         out = {"l1": parts["l1"]}
@@ -123,7 +131,7 @@ class Synth7tModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         if self.critic is not None:
             return self._gan_step(batch, batch_idx)
-        pred = self(batch["input"], batch["context"], batch.get("offset"))
+        pred = self(batch["input"], batch.get("context"), batch.get("offset"))
         parts = self.synthesis_loss(pred, batch["target"])
         self._add_epoch_loss(parts["loss"])
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=True, on_step=True,
@@ -211,8 +219,8 @@ class Synth7tModule(pl.LightningModule):
 
     # -- validation --------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        pred = self(batch["input"], batch["context"]).float().clamp(0, 1)
-        target, mask = batch["target"].float(), batch["mask"].float()
+        pred = axial_slices(self(batch["input"], batch.get("context")).float().clamp(0, 1))
+        target, mask = axial_slices(batch["target"].float()), axial_slices(batch["mask"].float())
         se = ((pred - target) ** 2 * mask).sum()
         ssim = (ssim_map(pred, target) * mask).sum()
         l1 = F.l1_loss(pred, target)
