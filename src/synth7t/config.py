@@ -158,6 +158,8 @@ class TrainConfig(_Strict):
             raise ValueError("the WGAN-GP critic is 2-D: a 3-D model (model.kind: unet3d) trains without one")
         if self.data.augment.any_enabled:
             raise ValueError("data.augment: the augmentations are 2-D; switch them off for a 3-D model")
+        if self.data.match_target_to_input:
+            raise ValueError("data.match_target_to_input is for the 2.5D model; a 3-D model trains on the real 7T")
         return self
 
     @model_validator(mode="after")

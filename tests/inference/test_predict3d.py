@@ -30,7 +30,7 @@ def test_predict_keeps_the_input_geometry(tiny3d_model, write_brain, tmp_path):
 def test_sliding_window_equals_a_forward_pass_below_one_patch(tiny3d_model):
     p = Predictor(tiny3d_model, "cpu")
     assert p.kind == "unet3d" and p.patch3d == 16
-    p.reference_quantiles = None  # compare the networks alone
+    p.standardization = None  # compare the networks alone
     stack = np.random.default_rng(0).random((12, 16, 8), np.float32)  # every side a multiple of 4, under 16
     pred, unc = p.predict_stack(stack)
     with torch.no_grad():

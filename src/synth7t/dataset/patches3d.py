@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from synth7t.dataset.slices import SliceStore
-from synth7t.intensity import quantile_table, standardize
+from synth7t.dataset.slices import SliceStore, input_table, standardization_record
+from synth7t.intensity import standardize_input
 
 
 def cube_corner(center: np.ndarray, shape: tuple[int, ...], size: int) -> np.ndarray:
@@ -37,16 +37,17 @@ class PatchDataset3D:
 
     Sample ``i`` belongs to subject ``i // per_subject``. Items: ``input``, ``target``, ``mask`` as float32
     (1, patch, patch, patch), ``corner`` int64 (3,) (the cube's first voxel in the (Z, H, W) volume), ``subject``.
-    ``standardize``: reference quantiles of input standardization (the 2.5D :class:`SliceDataset`'s).
+    ``standardize``: the model folder's ``input_standardization`` record (or bare ``histmatch`` reference
+    quantiles), applied as the 2.5D :class:`SliceDataset` applies it.
     """
 
     def __init__(self, store: SliceStore | str | Path, split: str, patch: int, per_subject: int, *, seed: int = 0,
-                 fixed: bool = False, standardize: np.ndarray | None = None):
+                 fixed: bool = False, standardize: dict | np.ndarray | None = None):
         self.store = store if isinstance(store, SliceStore) else SliceStore(store)
         self.patch, self.per_subject, self.seed, self.fixed, self.epoch = int(patch), int(per_subject), seed, fixed, 0
         self.subjects = [s for s in self.store.split_subjects(split) if self.store.info(s).get("has_t7")]
-        self.standardize = None if standardize is None else np.asarray(standardize, np.float64)
-        self._tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.standardize = standardization_record(standardize)
+        self._tables: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         self._counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # per subject: (valid slices, brain voxels)
 
     def set_epoch(self, epoch: int) -> None:
@@ -83,8 +84,8 @@ class PatchDataset3D:
         x = cut_cube(t3, corner, self.patch)
         if self.standardize is not None:
             if name not in self._tables:
-                self._tables[name] = quantile_table(self.store.brain_quantiles(name, "t3"), self.standardize)
-            x = standardize(x, table=self._tables[name]).astype(np.float32)
+                self._tables[name] = input_table(self.store, name, self.standardize)
+            x = standardize_input(x, self.standardize, table=self._tables[name])
         return {"input": x[None], "target": cut_cube(self.store.array(name, "t7"), corner, self.patch)[None],
                 "mask": cut_cube(self.store.array(name, "mask"), corner, self.patch)[None], "corner": corner,
                 "subject": name}

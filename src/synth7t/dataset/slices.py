@@ -200,6 +200,22 @@ class SliceStore:
         return ctx.encode_context(info.get("age"), info.get("sex"), info.get("group"), pos)
 
 
+def standardization_record(standardize: dict | np.ndarray | None) -> dict | None:
+    """A dataset's input standardization: the model folder's record, or bare reference quantiles (``histmatch``);
+    None when there is none (``method: none``)."""
+    if standardize is not None and not isinstance(standardize, dict):  # reference quantiles: histmatch
+        standardize = {"method": "histmatch", "reference_quantiles": np.asarray(standardize, np.float64)}
+    return None if (standardize or {}).get("method", "none") == "none" else standardize
+
+
+def input_table(store: SliceStore, name: str, record: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """A subject's input standardization map (the 2.5D and the 3-D datasets'). ``histmatch`` takes the source
+    quantiles on the valid slices (as models trained before ``nyul`` did); ``nyul`` the whole stack's non-zero
+    voxels, exactly what ``predict`` and ``evaluate`` see of a stack."""
+    whole = record["method"] != "histmatch"
+    return standardization_table(record, store.brain_values(name, "t3", whole=whole))
+
+
 class SliceDataset:
     """Map-style dataset of the valid slices of one split (works with ``torch.utils.data.DataLoader``).
 
@@ -219,9 +235,7 @@ class SliceDataset:
         match_target: bool = False,
     ):
         self.store = store if isinstance(store, SliceStore) else SliceStore(store)
-        if standardize is not None and not isinstance(standardize, dict):  # reference quantiles: histmatch
-            standardize = {"method": "histmatch", "reference_quantiles": np.asarray(standardize, np.float64)}
-        self.standardize = None if (standardize or {}).get("method", "none") == "none" else standardize
+        self.standardize = standardization_record(standardize)
         self.match_target = bool(match_target)
         self._tables: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # per subject: its 3T input map
         self._target_tables: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # per subject: its 7T -> 3T
@@ -281,9 +295,7 @@ class SliceDataset:
         quantiles on the valid slices (as models trained before ``nyul`` did); ``nyul`` the whole stack's
         non-zero voxels, exactly what ``predict`` and ``evaluate`` see of a stack."""
         if name not in self._tables:
-            whole = self.standardize["method"] != "histmatch"
-            self._tables[name] = standardization_table(self.standardize,
-                                                       self.store.brain_values(name, "t3", whole=whole))
+            self._tables[name] = input_table(self.store, name, self.standardize)
         return self._tables[name]
 
     def _target_table(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:

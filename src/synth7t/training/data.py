@@ -239,7 +239,7 @@ def _make_loaders_3d(store, cfg: TrainConfig, seed: int):
     (:class:`~synth7t.dataset.patches3d.PatchDataset3D`), with the 2.5D loaders' sampler and exact resume."""
     from synth7t.dataset.patches3d import PatchDataset3D
 
-    d, reference = cfg.data, input_reference(store, cfg)
+    d, reference = cfg.data, input_standardization(store, cfg)
     train_ds = PatchDataset3D(store, "train", d.patch3d, d.patches_per_subject, seed=seed, standardize=reference)
     val_ds = PatchDataset3D(store, "val", d.patch3d, d.val_patches, seed=seed, fixed=True, standardize=reference)
     if len(train_ds) == 0:
