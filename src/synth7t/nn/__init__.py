@@ -1,7 +1,8 @@
 """Neural networks of synth7t: the 2.5D attention residual U-net, the WGAN-GP patch critic and the losses.
 
-See ``synth7t.nn.unet`` for the architecture (thesis 2.1-2.2). Importing this package loads torch but
-neither MONAI nor deepbet (the perceptual networks are built on demand by :func:`build_perceptual`).
+See ``synth7t.nn.unet`` for the architecture (thesis 2.1-2.2), ``synth7t.nn.wavelet`` for the Haar sub-bands
+of the ``wavelet`` input option. Importing this package loads torch but neither MONAI nor
+deepbet (the perceptual networks are built on demand by :func:`build_perceptual`).
 """
 
 from .blocks import (
@@ -26,6 +27,7 @@ from .losses import (
     gradient_penalty,
 )
 from .unet import UNet
+from .wavelet import haar_dwt2, haar_idwt2
 
 __all__ = [
     "CONTEXT_DIM",
@@ -48,5 +50,7 @@ __all__ = [
     "critic_loss",
     "generator_adv_loss",
     "gradient_penalty",
+    "haar_dwt2",
+    "haar_idwt2",
     "sinusoidal_2d",
 ]
