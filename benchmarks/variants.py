@@ -7,7 +7,8 @@ after every variant, so an interrupted run leaves a partial table; rerunning ski
 
 * brain PSNR and brain SSIM (3-D) of the model on each set, and its margin over ``histmatch_population``
   (B-spline + histogram matching to the training split's mean 7T histogram, the realizable baseline);
-* training speed (steps per second, seconds per epoch, from the model folder's ``metrics.json``);
+* training speed: steps in the budget and steps per second (the model folder's ``metrics.json``; its epoch count
+  is kept in the JSON only: a run stopped by the clock mid-epoch makes "seconds per epoch" misleading);
 * prediction seconds per held-out brain (``Predictor.predict_stack`` on its slice stack, model loaded once).
 
 The variant list is data: a variant whose preset or overrides do not validate in this checkout (an option added by
@@ -63,7 +64,7 @@ def predict_seconds(model: Path, store: Path) -> float:
     from synth7t.dataset.slices import SliceStore
     from synth7t.inference import Predictor
 
-    st, predictor = SliceStore(store), Predictor(model, "cpu")
+    st, predictor = SliceStore(store), Predictor(model)
     subjects = st.split_subjects("test")
     t = time.perf_counter()
     for s in subjects:
@@ -99,7 +100,6 @@ def run_variant(name: str, out: Path, store: Path, budget: dict, *, jobs: int, t
             "parameters": json.loads((model / "config.json").read_text()).get("parameters"),
             "held_out": held, "transfer": far, "steps": steps, "epochs": epochs, "train_seconds": secs,
             "steps_per_s": steps / secs if steps and secs else None,
-            "s_per_epoch": secs / epochs if secs and epochs else None,
             "predict_s_per_brain": pred_s, "minutes": round((time.perf_counter() - t) / 60, 1)}
 
 
@@ -132,7 +132,7 @@ def _set_cells(s: dict) -> list[str]:
 def markdown_table(results: dict, minutes: float) -> str:
     """The comparison as one Markdown table (PSNR in dB; margins = model − ``histmatch_population``)."""
     head = ["variant", "parameters", "held-out PSNR / SSIM", "held-out − histmatch_population",
-            "transfer PSNR / SSIM", "transfer − histmatch_population", "steps/s", "s/epoch", "predict s/brain"]
+            "transfer PSNR / SSIM", "transfer − histmatch_population", "steps", "steps/s", "predict s/brain"]
     lines = [f"Variants, {minutes:g} min of training each (brain PSNR in dB / brain SSIM; margins over "
              "`histmatch_population`).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
@@ -141,6 +141,6 @@ def markdown_table(results: dict, minutes: float) -> str:
         else:
             params = f"{r['parameters'] / 1e6:.2f} M" if r.get("parameters") else "–"
             cells = [f"`{name}`", params, *_set_cells(r["held_out"]), *_set_cells(r["transfer"]),
-                     _f(r["steps_per_s"]), _f(r["s_per_epoch"], 1), _f(r["predict_s_per_brain"])]
+                     str(r.get("steps", "–")), _f(r["steps_per_s"]), _f(r["predict_s_per_brain"])]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
