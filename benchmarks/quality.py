@@ -19,8 +19,13 @@ Prints brain PSNR, brain SSIM (3-D), HFEN and tissue DICE, and the model's margi
 off / GMM only / blur+noise+bias only / all; without input standardization; architecture switches), and prints
 one row per variant with its margins on both sets (no DICE, to keep the run short). Writes ``DIR/ablation.json``.
 
+``--variants [LIST]`` (without ``--ablation``) compares the issue 16 options (``benchmarks/variants.py``: tiny,
+wavelet, nyul, match7t, tiny3d, gan_residual; a comma list runs a subset), each trained for ``--minutes``, in one
+table: ``DIR/variants.md`` and ``DIR/variants.json``. ``--subjects`` and ``--no-transfer`` make a quick smoke run.
+
     python benchmarks/quality.py [--out quality-run] [--jobs 2]
     python benchmarks/quality.py --ablation [--minutes 5 | --steps 300] [--variants "augment: none,no AdaDM"]
+    python benchmarks/quality.py --variants [tiny,wavelet] [--minutes 5] [--subjects 18] [--no-transfer]
 """
 
 from __future__ import annotations
@@ -97,14 +102,23 @@ def margins(table: dict) -> dict:
     return out
 
 
-def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int, steps: int | None = None) -> dict:
-    from synth7t.evaluation.evaluate import evaluate, quality_table
-    from synth7t.pipeline_demo import N_TEST, build_cohort, prepare_store, train_model, transfer_scores
+def prepare_cohort(out: Path, jobs: int, subjects: int = 18) -> Path:
+    """The benchmark's demo cohort (seed 0), preprocessed and packed under ``out``; returns the slice store."""
+    from synth7t.pipeline_demo import N_TEST, build_cohort, prepare_store
 
-    manifest = build_cohort(out, 18, 0, progress=True)
+    manifest = build_cohort(out, subjects, 0, progress=True)
     store = out / "slices"
-    prepare_store(manifest, out / "work", store, out / "private", jobs=jobs, seed=0, n_test=N_TEST["benchmark"],
-                  progress=True)
+    prepare_store(manifest, out / "work", store, out / "private", jobs=jobs, seed=0,
+                  n_test=N_TEST["benchmark" if subjects >= 18 else "demo"], progress=True)
+    return store
+
+
+def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int, steps: int | None = None,
+                 subjects: int = 18) -> dict:
+    from synth7t.evaluation.evaluate import evaluate, quality_table
+    from synth7t.pipeline_demo import train_model, transfer_scores
+
+    store = prepare_cohort(out, jobs, subjects)
     results = {}
     for name in variants:
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
@@ -147,19 +161,33 @@ def main() -> None:
     p.add_argument("--out", default="quality-run")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--ablation", action="store_true", help="train the ablation variants instead")
-    p.add_argument("--minutes", type=float, default=5.0, help="training budget of each ablation variant")
-    p.add_argument("--steps", type=int, default=None, help="a step budget per variant instead of --minutes")
-    p.add_argument("--variants", default=",".join(ABLATIONS), help="comma-separated ablation variant names")
+    p.add_argument("--minutes", type=float, default=5.0, help="training budget of each (ablation) variant")
+    p.add_argument("--steps", type=int, default=None, help="a step budget per ablation variant instead of --minutes")
+    p.add_argument("--variants", nargs="?", const="", default=None,
+                   help="compare the issue 16 variants (optional comma list); with --ablation: ablation names")
+    p.add_argument("--subjects", type=int, default=18, help="demo cohort size (--ablation/--variants; smoke runs)")
+    p.add_argument("--no-transfer", action="store_true", help="--variants: skip the transfer set (smoke runs)")
     args = p.parse_args()
     setup_logging(0)
     t = time.perf_counter()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    if args.ablation:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        unknown = [v for v in variants if v not in ABLATIONS]
+    if args.ablation or args.variants is not None:
+        import variants as issue16
+
+        known = list(ABLATIONS) if args.ablation else list(issue16.VARIANTS)
+        variants = [v.strip() for v in (args.variants or ",".join(known)).split(",") if v.strip()]
+        unknown = [v for v in variants if v not in known]
         if unknown:
-            raise SystemExit(f"unknown variant(s) {unknown}; known: {list(ABLATIONS)}")
-        res = run_ablation(Path(args.out), variants, args.minutes, args.jobs, args.steps)
+            raise SystemExit(f"unknown variant(s) {unknown}; known: {known}")
+    if not args.ablation and args.variants is not None:
+        out = Path(args.out)
+        store = prepare_cohort(out, args.jobs, args.subjects)
+        res = issue16.run_variants(out, store, variants, args.minutes, jobs=args.jobs, transfer=not args.no_transfer)
+        print(f"\nmachine: {machine}; total {(time.perf_counter() - t) / 60:.1f} min\n")
+        print(issue16.markdown_table(res, args.minutes))
+        return
+    if args.ablation:
+        res = run_ablation(Path(args.out), variants, args.minutes, args.jobs, args.steps, args.subjects)
         budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
         print(f"\nmachine: {machine}; total {(time.perf_counter() - t) / 60:.1f} min; {budget} per variant")
         print_ablation(res)

@@ -218,7 +218,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if not isinstance(node[part], dict):
                 raise ConfigError(f"--set {key}: {part} is not a section")
             node = node[part]
-        node[parts[-1]] = value
+        node[parts[-1]] = _deepcopy(value)  # a later dotted key must not write into the caller's dict
     return out
 
 

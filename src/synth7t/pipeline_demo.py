@@ -116,12 +116,12 @@ def prepare_store(manifest: Path, work: Path, store: Path, private: Path, *, job
     return dict(res.pseudonyms)
 
 
-def train_model(store: Path, folder: Path, overrides: dict, progress: bool) -> Path:
-    """Train the ``tiny`` preset with ``overrides`` into ``folder`` (resuming a killed run; skipping a done one)."""
+def train_model(store: Path, folder: Path, overrides: dict, progress: bool, preset: str = "tiny") -> Path:
+    """Train ``preset`` with ``overrides`` into ``folder`` (resuming a killed run; skipping a done one)."""
     from synth7t.training import train
 
     if not (folder / "model.safetensors").exists():
-        train(store, folder, preset="tiny", overrides=overrides, resume=(folder / "train_config.json").exists(),
+        train(store, folder, preset=preset, overrides=overrides, resume=(folder / "train_config.json").exists(),
               progress=progress, data_notes={"simulated": True})
     return folder
 

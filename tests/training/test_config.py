@@ -64,6 +64,13 @@ def test_overrides_are_typed():
     assert cfg.loss.perceptual == "none" and cfg.data.augment.gmm.enabled
 
 
+def test_a_section_override_is_copied_not_written_into():
+    section = {"channels": 16, "n_layers": 3}
+    cfg = load_config("tiny", {"critic": section, "critic.residual": True})
+    assert cfg.critic.residual and cfg.critic.channels == 16
+    assert section == {"channels": 16, "n_layers": 3}  # the caller's dict (e.g. a module constant) is unchanged
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"model.n_groups": "7"}, "not divisible by n_groups"),
     ({"optim.lr": "-1"}, "optim.lr"),

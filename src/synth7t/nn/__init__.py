@@ -1,8 +1,9 @@
 """Neural networks of synth7t: the 2.5D attention residual U-net, the 3-D patch U-net (MONAI's), the WGAN-GP patch
 critic and the losses.
 
-See ``synth7t.nn.unet`` for the architecture (thesis 2.1-2.2). Importing this package loads torch but
-neither MONAI nor deepbet (the perceptual networks are built on demand by :func:`build_perceptual`).
+See ``synth7t.nn.unet`` for the architecture (thesis 2.1-2.2), ``synth7t.nn.wavelet`` for the Haar sub-bands
+of the ``wavelet`` input option. Importing this package loads torch but neither MONAI nor
+deepbet (the perceptual networks are built on demand by :func:`build_perceptual`).
 """
 
 from .blocks import (
@@ -28,6 +29,7 @@ from .losses import (
 )
 from .unet import UNet
 from .unet3d import UNet3D, build_generator
+from .wavelet import haar_dwt2, haar_idwt2
 
 __all__ = [
     "CONTEXT_DIM",
@@ -54,5 +56,7 @@ __all__ = [
     "generator_adv_loss",
     "generator_config",
     "gradient_penalty",
+    "haar_dwt2",
+    "haar_idwt2",
     "sinusoidal_2d",
 ]

@@ -45,6 +45,14 @@ class UNetConfig(BaseModel):
       the zero vector) with the architecture and cost unchanged, so an ablation isolates what the covariates give.
     * ``adadm``: AdaDM in every residual block (thesis 2.1.1).
     * ``out_norm``: the GroupNorm before the last convolution; thesis 5.2 proposes removing it (``False``).
+    * ``wavelet``: thesis 5.2's wavelet inputs (after Qu et al.'s WATNet). The network computes a one-level 2-D
+      Haar transform of each input slice (orthonormal, :mod:`synth7t.nn.wavelet`: LL, LH, HL, HH at half
+      resolution), upsamples the 4 sub-bands per slice back to full size by nearest neighbour (each 2x2 block
+      gets its own coefficients) and concatenates them to the slices before the stem convolution: the stem sees
+      ``5 * in_slices`` channels, nothing else changes. Why at the stem: the interface (B, S, H, W) -> (B, 1, H, W),
+      the skip connections and every later stage stay as they are, the only new parameters are the stem's, and
+      the transform is computed in torch inside ``forward`` (no weights, no buffers), so prediction needs nothing
+      new and a model folder rebuilds it from ``config.json``. Needs even H and W (``downsample_factor`` >= 2).
 
     The defaults are synth7t's light network (the ``tiny`` preset); the ``unc``, ``biofinder`` and ``gan`` presets
     choose the thesis blocks, one head and Ho's up path.
@@ -72,6 +80,7 @@ class UNetConfig(BaseModel):
     dropout: float = 0.0
     adadm: bool = True
     out_norm: bool = True
+    wavelet: bool = False
 
     @field_validator("in_slices")
     @classmethod
@@ -138,8 +147,8 @@ class UNetConfig(BaseModel):
 
     @property
     def downsample_factor(self) -> int:
-        """Total downsampling: H and W of the input must be multiples of ``2**(len(channel_mult) - 1)``."""
-        return 2 ** (len(self.channel_mult) - 1)
+        """H and W of the input must be multiples of ``2**(len(channel_mult) - 1)`` (and even with ``wavelet``)."""
+        return max(2 ** (len(self.channel_mult) - 1), 2 if self.wavelet else 1)
 
     @property
     def attention_stages(self) -> tuple[int, ...]:

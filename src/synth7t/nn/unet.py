@@ -3,7 +3,8 @@
 Architecture (thesis 2.1.3 figure 21, 2.1.5 figures 25-28; settings in appendix table 2 / :class:`UNetConfig`):
 
 * input (B, S, H, W): S = 2k+1 neighbouring 3T slices, the middle one at the target's position (2.5D);
-* a 3x3 convolution to ``channels``;
+* a 3x3 convolution to ``channels`` (``wavelet=True``: of the slices and their 4 Haar sub-bands each, upsampled
+  to full size, ``5 * S`` channels; :mod:`.wavelet`, :class:`UNetConfig`);
 * down path, stage i = 1..L (L = ``len(channel_mult)``): max-pool by 2 (not before stage 1; thesis 2.1.1), then
   ``n_res`` residual blocks (thesis figure 20: (GroupNorm -> SiLU -> conv3x3) x 2 + AdaDM) with
   ``channels * channel_mult[i-1]`` channels, each followed by an attention block to the covariates when i is in
@@ -49,6 +50,7 @@ from torch import nn
 
 from .blocks import ContextEmbedding, CrossAttention, ResBlock, SelfAttention, TransformerBlock, group_norm_silu
 from .config import UNetConfig
+from .wavelet import haar_dwt2
 
 __all__ = ["UNet"]
 
@@ -142,7 +144,7 @@ class UNet(nn.Module):
         self.context = (
             ContextEmbedding(cfg.context_dim, cfg.context_tokens, cfg.context_width) if ca else None
         )
-        self.stem = nn.Conv2d(cfg.in_slices, chs[0], 3, padding=1)
+        self.stem = nn.Conv2d(cfg.in_slices * (5 if cfg.wavelet else 1), chs[0], 3, padding=1)
         self.down = nn.ModuleList(
             Stage(cfg, [chs[max(i - 1, 0)]] + [chs[i]] * (r - 1), chs[i], (i + 1) in ca) for i in range(n)
         )
@@ -196,6 +198,12 @@ class UNet(nn.Module):
             context = x.new_zeros(x.shape[0], self.cfg.context_dim)
         return self.context(context.to(self.context.mlp[0].weight.dtype))
 
+    @staticmethod
+    def _with_wavelets(x: torch.Tensor) -> torch.Tensor:
+        """(B, S, H, W) -> (B, 5S, H, W): the slices, then each slice's LL, LH, HL, HH upsampled by nearest."""
+        bands = haar_dwt2(x)  # (B, 4S, H/2, W/2)
+        return torch.cat((x, bands.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)), dim=1)
+
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, offset: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -206,7 +214,7 @@ class UNet(nn.Module):
         offs = [None] * n if offset is None else [offset.to(torch.float64) / 2**i for i in range(n)]
         mid_slice = x[:, self.cfg.in_slices // 2 : self.cfg.in_slices // 2 + 1]  # (B, 1, H, W)
         ho = self.cfg.up_path == "ho"
-        h = self.stem(x)  # (B, C1, H, W)
+        h = self.stem(self._with_wavelets(x) if self.cfg.wavelet else x)  # (B, C1, H, W)
         kept = [h] if ho else []  # Ho: stem, every block output, every pooled map; else: each stage's output
         for i, stage in enumerate(self.down):
             if i > 0:
