@@ -32,7 +32,7 @@ from pathlib import Path
 
 from synth7t import __version__
 from synth7t.errors import InputError
-from synth7t.io import read_json, write_json, write_text
+from synth7t.io import nifti_stem, read_json, write_json, write_text
 from synth7t.manifest import Subject, _entities, _participants, parse_age, parse_diagnosis, parse_sex
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def collect_bids(query: BidsQuery, opts) -> list[Subject]:
     jobs, seen = [], set()
     for f in find_t1w(query):
         rel = f.relative_to(query.root).as_posix()
-        name = f.name[: -len(".nii.gz")] if f.name.endswith(".nii.gz") else f.stem
+        name = nifti_stem(f)
         if name in seen:
             raise InputError(f"{f.parent}: {name} exists as .nii and .nii.gz; keep one")
         seen.add(name)
@@ -135,7 +135,7 @@ def derivative_name(source: str, desc: str, suffix: str) -> str:
 
 
 def sidecar(path: Path) -> Path:
-    return path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+    return path.with_name(nifti_stem(path) + ".json")
 
 
 class BidsLayout:

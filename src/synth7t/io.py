@@ -69,6 +69,16 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def nifti_stem(path: str | os.PathLike) -> str:
+    """The file name without its image suffix (``.nii.gz``, ``.nii``, ``.mgz``, any case): ``sub-01_T1w`` for
+    ``sub-01_T1w.nii.gz``; ``Path.stem`` for any other name."""
+    name = Path(path).name
+    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):  # .nii.gz before .nii
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
 def _name(path: str | os.PathLike) -> str:
     return str(path)
 

@@ -19,20 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from synth7t.io import nifti_stem
+
 log = logging.getLogger(__name__)
 PLANE_PX = 96
 COMPARE_PX = 128
 GAP_PX = 3
 BIDS_SUFFIX = "_desc-synth7T_T1w"
-
-
-def output_stem(output: Path) -> str:
-    """``syn7t`` for ``syn7t.nii.gz``: the output file's name without its NIfTI suffix."""
-    name = output.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def qc_paths(output: str | Path) -> dict[str, Path]:
@@ -43,7 +36,7 @@ def qc_paths(output: str | Path) -> dict[str, Path]:
     fMRIPrep convention for a subject's figures), same names with the output's stem.
     """
     output = Path(output)
-    stem = output_stem(output)
+    stem = nifti_stem(output)
     if stem.endswith(BIDS_SUFFIX) and output.parent.name == "anat":
         subject_dir = output.parent.parent
         if subject_dir.name.startswith("ses-"):

@@ -15,7 +15,7 @@ from synth7t import __version__
 from synth7t.errors import InputError, Synth7tError
 from synth7t.inference.predictor import OUTPUT_NAME, RUN_TIME_OPTIONS, PredictOptions, Predictor, PredictResult
 from synth7t.inference.volume import finish_prediction, on_input_grid, resolve_steps
-from synth7t.io import is_nifti_path, save_volume, write_json
+from synth7t.io import is_nifti_path, nifti_stem, save_volume, write_json
 from synth7t.manifest import Subject
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,14 @@ def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Subje
             files = sorted(f for f in p.iterdir() if is_nifti_path(f))
             if not files:
                 raise InputError(f"{p}: folder holds no .nii/.nii.gz/.mgz file")
-            jobs += [Subject(_stem(f), f, age=age, sex=sex, diagnosis=diagnosis) for f in files]
+            jobs += [Subject(nifti_stem(f), f, age=age, sex=sex, diagnosis=diagnosis) for f in files]
         elif p.suffix.lower() in (".csv", ".tsv"):
             for s in read_manifest(p):  # several 3T scans of one subject: one output per session
                 name = s.subject if s.session is None else f"{s.subject}_{s.session}"
                 jobs.append(Subject(name, s.t3, age=s.age if s.age is not None else age, sex=s.sex or sex,
                                     diagnosis=s.diagnosis or diagnosis))
         else:
-            jobs.append(Subject(_stem(p), p, age=age, sex=sex, diagnosis=diagnosis))
+            jobs.append(Subject(nifti_stem(p), p, age=age, sex=sex, diagnosis=diagnosis))
     names = [j.subject for j in jobs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -57,14 +57,6 @@ def option_covariates(opts: PredictOptions) -> dict:
                 "diagnosis": parse_diagnosis(opts.diagnosis)}
     except ValueError as exc:
         raise InputError(f"covariates: {exc}") from None
-
-
-def _stem(p: Path) -> str:
-    name = p.name
-    for suffix in (".nii.gz", ".nii", ".mgz"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return p.stem
 
 
 class PlainLayout:
