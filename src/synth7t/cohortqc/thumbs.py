@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synth7t.dataset.cropnorm import crop_box
 from synth7t.io import nifti_stem
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,9 @@ def _geometry(mask: np.ndarray, shape: tuple[int, ...]) -> tuple[list[int], list
     """The brain's centre voxel and its bounding box (2 voxels of margin); the whole grid without a brain."""
     if not mask.any():
         return [s // 2 for s in shape], [slice(0, s) for s in shape]
-    idx = np.argwhere(mask)
-    lo, hi = idx.min(0), idx.max(0) + 1
-    centre = [int(round(v)) for v in (lo + hi - 1) / 2]
-    return centre, [slice(max(0, a - 2), min(s, b + 2)) for a, b, s in zip(lo, hi, shape, strict=True)]
+    box = crop_box(mask)
+    centre = [int(round((a + b - 1) / 2)) for a, b in box]
+    return centre, [slice(max(0, a - 2), min(s, b + 2)) for (a, b), s in zip(box, shape, strict=True)]
 
 
 def _planes(img8: np.ndarray, zooms, centre, box) -> list[tuple[np.ndarray, float]]:

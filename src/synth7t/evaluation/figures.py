@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from synth7t.dataset.cropnorm import crop_box
 from synth7t.evaluation.baselines import METHOD_LABELS
 from synth7t.evaluation.evaluate import load_subject
 from synth7t.evaluation.metrics import TABLE_COLUMNS
@@ -97,12 +98,6 @@ def dice_label_boxplot(records: Sequence[Mapping]) -> str | None:
     return _png(fig)
 
 
-def brain_bbox(mask: np.ndarray) -> list[tuple[int, int]]:
-    """``(first, last + 1)`` voxel index of the mask along each axis."""
-    idx = np.nonzero(mask)
-    return [(int(i.min()), int(i.max()) + 1) for i in idx]
-
-
 def _frac(lo: int, hi: int, f: float) -> int:
     return int(round(lo + f * (hi - lo - 1)))
 
@@ -113,7 +108,7 @@ def montage_views(mask: np.ndarray) -> list[tuple[str, int, int, tuple[slice, sl
     Displayed slices are transposed so that rows run along the second remaining axis (superior or anterior up
     after flipping) and columns along the first (left -> right, neurological convention).
     """
-    bb = brain_bbox(mask)
+    bb = crop_box(mask)
     centre = [(lo + hi) // 2 for lo, hi in bb]
     views: list[tuple[str, int, int, tuple[slice, slice] | None]] = [
         ("axial", 2, centre[2], None),

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from synth7t.dataset.cropnorm import crop_box
 from synth7t.evaluation.evaluate import load_subject
-from synth7t.evaluation.figures import brain_bbox
 from synth7t.io import write_text
 from synth7t.templating import render
 
@@ -78,7 +78,7 @@ def write_viewer(
     t3n, pred, t7n, mask, zooms = load_subject(images, lower_pct, upper_pct)
     box = tuple(
         slice(max(0, lo - BOX_MARGIN), min(n, hi + BOX_MARGIN))
-        for (lo, hi), n in zip(brain_bbox(mask), mask.shape, strict=True)
+        for (lo, hi), n in zip(crop_box(mask), mask.shape, strict=True)
     )
     vols = [
         ("3T input", viewer_nifti(t3n, box, zooms, voxel_mm)),
