@@ -1,8 +1,7 @@
-"""Fake prediction outputs (tiny NIfTIs in both layouts) and the shared headless-Chromium helper."""
+"""Fake prediction outputs (tiny NIfTIs in both layouts); Chromium comes from tests/conftest.py's ``chromium``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -79,13 +78,3 @@ def fake_out(tmp_path) -> Path:
         make_output(plain_files(root, name), **kwargs)
     make_output(bids_files(root, "01", "1"), depth=10, base=0.50)
     return root
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """tests/browser.py (shared with other suites, imported by path under --import-mode=importlib)."""
-    path = Path(__file__).resolve().parents[1] / "browser.py"
-    spec = importlib.util.spec_from_file_location("synth7t_test_browser", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -19,44 +19,43 @@ def _column(page, index: int) -> list[str]:
     return page.eval_on_selector_all("#qc tbody tr", f"rows => rows.map(r => r.cells[{index}].dataset.v)")
 
 
-def test_page_sorts_filters_and_lazy_loads(fake_out, browser):
+def test_page_sorts_filters_and_lazy_loads(fake_out, chromium, browser_helper):
     res = build_qc(fake_out, progress=False)
     html = res.page.read_text()
     assert "http://" not in html and "https://" not in html
-    with browser.chromium() as b:
-        page, errors = b.open_page(res.page, width=1400, height=1000, wait_ms=300)
-        assert errors == []
-        assert page.locator("#qc tbody tr").count() == 11
-        assert page.locator("#shown").inner_text() == "showing 11 of 11"
-        # every thumbnail is a lazy <img> of a separate file
-        srcs = page.eval_on_selector_all("#qc img", "imgs => imgs.map(i => [i.loading, i.getAttribute('src')])")
-        assert len(srcs) == 11 and all(lazy == "lazy" and src.endswith(".png") for lazy, src in srcs)
-        page.screenshot(path=str(browser.artifact_dir() / "cohort_qc.png"), full_page=True)
-        # sort by brain volume: ascending; a second click: descending
-        page.click("th:nth-child(5) button")
-        numbers = [float(v) for v in _column(page, 4)]
-        assert numbers == sorted(numbers) and numbers[0] == 0 and numbers[-1] == pytest.approx(0.25)
-        page.click("th:nth-child(5) button")
-        assert [float(v) for v in _column(page, 4)] == sorted(numbers, reverse=True)
-        assert page.get_attribute("th:nth-child(5)", "aria-sort") == "descending"
-        # uncertainty (two maps): rows without one last in either direction
-        for _ in range(2):
-            page.click("th:nth-child(8) button")
-            values = _column(page, 7)
-            assert values[2:] == [""] * 9 and len({float(v) for v in values[:2]}) == 2
-        assert float(values[0]) > float(values[1])  # the second click sorts descending
-        # sort by name
-        page.click("th:nth-child(1) button")
-        names = _column(page, 0)
-        assert names == sorted(names, key=str.lower)
-        # flagged only: failed (3) and suspicious (big, leak) rows stay
-        page.check("#flagged-only")
-        visible = page.eval_on_selector_all("#qc tbody tr", "rows => rows.filter(r => r.offsetParent !== null)"
-                                            ".map(r => r.cells[0].dataset.v)")
-        assert sorted(visible) == ["big", "empty", "leak", "nan", "noprov"]
-        assert page.locator("#shown").inner_text() == "showing 5 of 11"
-        page.screenshot(path=str(browser.artifact_dir() / "cohort_qc_flagged.png"), full_page=True)
-        assert errors == []
+    page, errors = chromium.open_page(res.page, width=1400, height=1000, wait_ms=300)
+    assert errors == []
+    assert page.locator("#qc tbody tr").count() == 11
+    assert page.locator("#shown").inner_text() == "showing 11 of 11"
+    # every thumbnail is a lazy <img> of a separate file
+    srcs = page.eval_on_selector_all("#qc img", "imgs => imgs.map(i => [i.loading, i.getAttribute('src')])")
+    assert len(srcs) == 11 and all(lazy == "lazy" and src.endswith(".png") for lazy, src in srcs)
+    page.screenshot(path=str(browser_helper.artifact_dir() / "cohort_qc.png"), full_page=True)
+    # sort by brain volume: ascending; a second click: descending
+    page.click("th:nth-child(5) button")
+    numbers = [float(v) for v in _column(page, 4)]
+    assert numbers == sorted(numbers) and numbers[0] == 0 and numbers[-1] == pytest.approx(0.25)
+    page.click("th:nth-child(5) button")
+    assert [float(v) for v in _column(page, 4)] == sorted(numbers, reverse=True)
+    assert page.get_attribute("th:nth-child(5)", "aria-sort") == "descending"
+    # uncertainty (two maps): rows without one last in either direction
+    for _ in range(2):
+        page.click("th:nth-child(8) button")
+        values = _column(page, 7)
+        assert values[2:] == [""] * 9 and len({float(v) for v in values[:2]}) == 2
+    assert float(values[0]) > float(values[1])  # the second click sorts descending
+    # sort by name
+    page.click("th:nth-child(1) button")
+    names = _column(page, 0)
+    assert names == sorted(names, key=str.lower)
+    # flagged only: failed (3) and suspicious (big, leak) rows stay
+    page.check("#flagged-only")
+    visible = page.eval_on_selector_all("#qc tbody tr", "rows => rows.filter(r => r.offsetParent !== null)"
+                                        ".map(r => r.cells[0].dataset.v)")
+    assert sorted(visible) == ["big", "empty", "leak", "nan", "noprov"]
+    assert page.locator("#shown").inner_text() == "showing 5 of 11"
+    page.screenshot(path=str(browser_helper.artifact_dir() / "cohort_qc_flagged.png"), full_page=True)
+    assert errors == []
 
 
 def _synthetic_records(n: int, thumb: Path) -> list[dict]:
@@ -80,7 +79,7 @@ def _synthetic_records(n: int, thumb: Path) -> list[dict]:
     return records
 
 
-def test_two_thousand_rows(fake_out, browser, tmp_path):
+def test_two_thousand_rows(fake_out, chromium, browser_helper, tmp_path):
     build_qc(fake_out, progress=False)
     shutil.copy(fake_out / "a/qc/syn7t_planes.png", tmp_path / "thumb.png")
     records = _synthetic_records(2000, tmp_path / "thumb.png")
@@ -89,17 +88,16 @@ def test_two_thousand_rows(fake_out, browser, tmp_path):
     build_s = time.perf_counter() - t0
     html = paths["page"].read_text()
     assert "sub-0000&lt;&amp;&gt;" in html and "sub-0000<&>" not in html  # user data are escaped
-    with browser.chromium() as b:
-        t0 = time.perf_counter()
-        page, errors = b.open_page(paths["page"], width=1400, height=1000)
-        load_s = time.perf_counter() - t0
-        assert errors == [] and page.locator("#qc tbody tr").count() == 2000
-        sort_ms = page.evaluate("""() => { const t = performance.now();
-            document.querySelector('th:nth-child(5) button').click(); document.body.offsetHeight;
-            return performance.now() - t; }""")  # sorting and the layout it forces
-        page.wait_for_timeout(300)
-        loaded = page.eval_on_selector_all("#qc img", "imgs => imgs.filter(i => i.complete && i.naturalWidth).length")
-        total = page.locator("#qc img").count()
+    t0 = time.perf_counter()
+    page, errors = chromium.open_page(paths["page"], width=1400, height=1000)
+    load_s = time.perf_counter() - t0
+    assert errors == [] and page.locator("#qc tbody tr").count() == 2000
+    sort_ms = page.evaluate("""() => { const t = performance.now();
+        document.querySelector('th:nth-child(5) button').click(); document.body.offsetHeight;
+        return performance.now() - t; }""")  # sorting and the layout it forces
+    page.wait_for_timeout(300)
+    loaded = page.eval_on_selector_all("#qc img", "imgs => imgs.filter(i => i.complete && i.naturalWidth).length")
+    total = page.locator("#qc img").count()
     assert total == 3000 and loaded < total / 4, loaded  # lazy: only images near the viewport are fetched
     flagged = sum(r["flagged"] for r in records)
     print(f"\n2000 rows: page {len(html) / 1e6:.2f} MB, built in {build_s:.2f} s, loaded in Chromium in "
