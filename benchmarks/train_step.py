@@ -97,6 +97,10 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
+    if dev.type == "cpu" and not args.malloc_default:
+        from synth7t.devices import keep_freed_memory
+
+        keep_freed_memory()  # what synth7t train/predict do on CPU; here for every network alike
     model, fwd, channels_last = build(args.impl, args.preset)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=fmt)
@@ -151,7 +155,7 @@ def run_one(args: argparse.Namespace, impl: str, preset: str, precision: str) ->
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--preset", preset,
            "--precision", precision, "--mode", args.mode, "--repeats", str(args.repeats), "--threads",
            str(args.threads), "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
-           "--device", args.device]
+           "--device", args.device] + (["--malloc-default"] if args.malloc_default else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if args.omp_passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -177,6 +181,9 @@ def parse_args(argv=None, what: str = "train") -> argparse.Namespace:
     ap.add_argument("--omp-passive", action="store_true",
                     help="OMP_WAIT_POLICY=PASSIVE for every network: on a machine shared with other jobs, spinning "
                          "OpenMP threads stall each other (here: a 7x slower step at 2 threads)")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc's malloc as it is (default: every network runs with synth7t's CPU setting, "
+                         "synth7t.devices.keep_freed_memory, which keeps freed blocks <= 32 MiB for reuse)")
     # accepted for the older command line (predict_forward.py's docstring): both MONAI modes always run now
     ap.add_argument("--monai-tuned", action="store_true", help=argparse.SUPPRESS)
     # worker-only options
@@ -204,7 +211,8 @@ def main(argv=None, what: str = "train") -> None:
           f"median of {args.repeats} after 1 warm-up, {unit}; {mem}; ratio = MONAI / ours (> 1: ours faster)",
           flush=True)
     print(f"loadavg at start: {os.getloadavg()[0]:.2f} (machine cores: {os.cpu_count()})"
-          f"{'; OMP_WAIT_POLICY=PASSIVE' if args.omp_passive else ''}", flush=True)
+          f"{'; OMP_WAIT_POLICY=PASSIVE' if args.omp_passive else ''}; malloc: "
+          f"{'glibc default' if args.malloc_default else 'keep_freed_memory() for every network'}", flush=True)
     cols = [LABELS[i] for i in args.impls]
     print(f"{'preset':10} {'prec':5} " + " ".join(f"{c:>13}" for c in cols)
           + f" {'tuned/ours':>10} {'thesis/ours':>11} | " + " ".join(f"{c + ' MB':>16}" for c in cols)

@@ -291,3 +291,27 @@ def test_pointwise_conv_equals_conv2d_in_both_layouts():
     out = pw(xc)
     torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-6)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_residual_equals_the_plain_expression(layout, dtype):
+    """AdaDM's fused ``skip + h * scale`` against autograd of the plain expression (values and all gradients)."""
+    from synth7t.nn.kernels import scaled_residual
+
+    torch.manual_seed(11)
+    skip, h = (torch.randn(3, 8, 7, 5).to(dtype).contiguous(memory_format=layout) for _ in range(2))
+    scale = torch.tensor([0.5, 2.0, -1.5])
+    g = torch.randn(3, 8, 7, 5).to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (skip, h, scale)]
+    out = scaled_residual(*leaves)
+    got = torch.autograd.grad(out, leaves, g)
+    ref_leaves = [t.float().clone().requires_grad_(True) for t in (skip, h, scale)]
+    ref = ref_leaves[0] + ref_leaves[1] * ref_leaves[2].view(-1, 1, 1, 1)
+    want = torch.autograd.grad(ref, ref_leaves, g.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.detach(), rtol=tol, atol=tol)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b, rtol=tol, atol=tol * b.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(scaled_residual(skip, h, scale).float(), ref.detach(), rtol=tol, atol=tol)

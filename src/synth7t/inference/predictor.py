@@ -70,11 +70,13 @@ class Predictor:
     """A loaded model on a device, with its configuration; turns a normalized stack into a prediction."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", precision: str = "auto"):
-        from synth7t.devices import resolve_accelerator
+        from synth7t.devices import keep_freed_memory, resolve_accelerator
         from synth7t.model_folder import load_generator_with_digest
 
         self.model_dir = Path(model_dir)
         self.device = torch.device(resolve_accelerator(device))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # slice batches reuse freed buffers instead of page-faulting new ones
         self.net, self.config, self.checksum = load_generator_with_digest(model_dir, self.device)
         self.kind = self.config["model"].get("kind", "unet")
         self.patch3d = int(self.config.get("patch3d") or 64) if self.kind == "unet3d" else None

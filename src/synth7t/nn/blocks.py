@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synth7t.nn.kernels import PointwiseConv2d, attention, group_norm_silu
+from synth7t.nn.kernels import PointwiseConv2d, attention, group_norm_silu, scaled_residual
 
 __all__ = [
     "AdaDM",
@@ -144,12 +144,15 @@ class AdaDM(nn.Module):
         self.bias = nn.Parameter(torch.tensor(float(bias_init)))
         self.eps = eps
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
-        """Modulate ``h`` (B, C', H, W) by the deviation of ``x`` (B, C, H, W), or by a given ``std`` (B,)."""
+    def scale(self, x: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-sample factor (B,) for the deviation of ``x`` (B, C, H, W), or for a given ``std`` (B,)."""
         if std is None:
             std = torch.std(x, dim=(1, 2, 3))
-        scale = torch.exp(self.weight * torch.log(std.float() + self.eps) + self.bias)  # (B,)
-        return h * scale.to(h.dtype).view(-1, 1, 1, 1)
+        return torch.exp(self.weight * torch.log(std.float() + self.eps) + self.bias)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
+        """Modulate ``h`` (B, C', H, W) by the deviation of ``x`` (B, C, H, W), or by a given ``std`` (B,)."""
+        return h * self.scale(x, std).to(h.dtype).view(-1, 1, 1, 1)
 
 
 class ResBlock(nn.Module):
@@ -178,11 +181,14 @@ class ResBlock(nn.Module):
             a, std = group_norm_silu(self.norm1, x), None
         h = self.conv1(a)  # (B, out, H, W)
         h = self.conv2(self.dropout(group_norm_silu(self.norm2, h)))
-        if self.adadm is not None:
-            h = self.adadm(h, std=std)
         skip = self.skip(x)
+        if self.adadm is not None:
+            scale = self.adadm.scale(std=std)
+            if not torch.is_grad_enabled() and h.dtype == skip.dtype:  # prediction: no new (page-faulted) buffer
+                return h.mul_(scale.to(h.dtype).view(-1, 1, 1, 1)).add_(skip)
+            return scaled_residual(skip, h, scale)  # skip + AdaDM(h), one pass
         if not torch.is_grad_enabled() and h.dtype == skip.dtype:
-            return h.add_(skip)  # prediction: no new (page-faulted) buffer
+            return h.add_(skip)
         return skip + h
 
 

@@ -6,8 +6,9 @@ this project's CPU (numbers in each docstring and in ``blocks.py``'s module docs
 * :func:`attention` -- ``scaled_dot_product_attention``, or exact chunked attention with its own memory-light
   backward (:class:`_ChunkedAttention`) for bf16 on CPU;
 * :func:`group_norm_silu` -- ``silu(group_norm(x))`` keeping only its input for the backward
-  (:class:`_GroupNormSiLU`, with a fast bf16 channels-last backward), and the per-sample std of ``x`` that
-  AdaDM needs, taken from the norm's statistics (:class:`_SampleStd` gives it torch.std's gradient);
+  (:class:`_GroupNormSiLU`), and the per-sample std of ``x`` that AdaDM needs, taken from the norm's statistics,
+  with torch.std's gradient added in the same backward; on CPU its backward runs the two-pass C kernel of
+  :mod:`synth7t.nn.native` on large channels-last maps (a fast eager bf16 channels-last path otherwise);
 * :class:`PointwiseConv2d` -- a 1x1 convolution as one matrix product on a channels-last map.
 
 ``tests/nn/test_blocks.py`` checks each against the plain PyTorch op (values and gradients).
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PointwiseConv2d", "attention", "group_norm_silu"]
+__all__ = ["PointwiseConv2d", "attention", "group_norm_silu", "scaled_residual"]
 
 
 def _rows(n: int, t: int) -> int:
@@ -96,58 +97,79 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         return _chunked_forward(q, kt, v.contiguous())
 
 
-class _SampleStd(torch.autograd.Function):
-    """Per-sample std of ``x`` over (C, H, W), given its (detached) mean and std: the backward pass is torch.std's,
-    ``d std / d x = (x - mean) / ((n - 1) std)``, one element-wise pass (no graph through the group norm's stats)."""
+NATIVE_MIN_NUMEL = 1 << 21  # maps this large (e.g. 4 x 64 x 144 x 112) take the C kernel's backward on CPU
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, mean, std)
-        return std.clone()
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, mean, std = ctx.saved_tensors
-        n = x[0].numel()
-        scale = grad / (max(n - 1, 1) * std.clamp_min(torch.finfo(std.dtype).tiny))  # (B,)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        gx = (x - mean.to(x.dtype).view(shape)) * scale.to(x.dtype).view(shape)
-        return gx, None, None
+def _sample_stats(mean: torch.Tensor, rstd: torch.Tensor, eps: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean and unbiased std (float32, (B,)) of a map of ``n`` values per sample from its group norm's
+    statistics (B, G): with G groups of equal size, the (biased) variance is ``mean_g(var_g) + mean_g((m_g -
+    mean_g(m_g))^2)`` (no cancellation) where ``var_g = rstd_g^-2 - eps``; ``* n / (n - 1)`` as :func:`torch.std`."""
+    mean, rstd = mean.float(), rstd.float()
+    var_g = (rstd.pow(-2) - eps).clamp_min(0.0)
+    m = mean.mean(1)  # (B,)
+    var = var_g.mean(1) + (mean - m[:, None]).pow(2).mean(1)  # (B,) biased
+    return m, (var * (n / max(n - 1, 1))).sqrt()
 
 
 class _GroupNormSiLU(torch.autograd.Function):
-    """``silu(group_norm(x))`` that keeps only ``x`` and the group statistics for the backward pass.
+    """``silu(group_norm(x))`` that keeps only ``x`` and the group statistics for the backward pass, and optionally
+    the per-sample standard deviation of ``x`` (AdaDM's), with :func:`torch.std`'s gradient.
 
-    The backward recomputes the normalized map (one pass) instead of keeping it: one activation-sized tensor
-    less per normalization in training memory, and the SiLU is applied in place. Returns the output and the
-    (non-differentiable) per-group mean and ``1 / sqrt(var + eps)``, shape (B, G).
+    The backward recomputes the normalized map instead of keeping it: one activation-sized tensor less per
+    normalization in training memory, and the SiLU is applied in place. The std's gradient,
+    ``d std / d x = (x - mean) / ((n - 1) std)``, is added inside the same backward (no graph through the norm's
+    statistics, no separate pass). Returns the output, the (non-differentiable) per-group mean and
+    ``1 / sqrt(var + eps)`` (B, G), and the std (B,) (empty without ``with_std``).
+
+    On CPU, large channels-last float32/bf16 maps take the two-pass C kernel of :mod:`synth7t.nn.native` (where it
+    could be built); other half-precision channels-last maps :func:`_group_norm_silu_backward_cl`; the rest
+    PyTorch's native group-norm backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups: int, eps: float):
+    def forward(ctx, x, weight, bias, groups: int, eps: float, with_std: bool):
         b, c = x.shape[:2]
         hw = x[0, 0].numel()
         y, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, hw, groups, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        if with_std:
+            m, std = _sample_stats(mean, rstd, eps, x[0].numel())
+        else:
+            m, std = None, torch.empty(0, device=x.device)
+            ctx.mark_non_differentiable(std)
+        ctx.save_for_backward(x, weight, bias, mean, rstd, m, std)
         ctx.dims = (b, c, hw, groups, eps)
         ctx.mark_non_differentiable(mean, rstd)
-        return F.silu(y, inplace=True), mean, rstd
+        return F.silu(y, inplace=True), mean, rstd, std
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _grad_mean, _grad_rstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+    def backward(ctx, grad, _grad_mean, _grad_rstd, grad_std):
+        x, weight, bias, mean, rstd, m, std = ctx.saved_tensors
         b, c, hw, groups, eps = ctx.dims
-        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and weight is not None \
-                and x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4:
-            return (*_group_norm_silu_backward_cl(grad, x, weight, bias, mean, rstd, groups), None, None)
-        z = torch.native_group_norm(x, weight, bias, b, c, hw, groups, eps)[0]  # recomputed normalized map
-        dz = torch.ops.aten.silu_backward(grad.to(z.dtype), z)
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.aten.native_group_norm_backward(dz, x, mean, rstd, weight, b, c, hw, groups, mask)
-        return gx, gw, gb, None, None
+        coef = None  # d std / d x = coef_b * (x - m_b)
+        if m is not None and grad_std is not None:
+            coef = grad_std.float() / (max(x[0].numel() - 1, 1) * std.clamp_min(torch.finfo(std.dtype).tiny))
+        cpu_cl = x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        if cpu_cl and x.dtype in (torch.float32, torch.bfloat16) and x.numel() >= NATIVE_MIN_NUMEL \
+                and ctx.needs_input_grad[0]:
+            from synth7t.nn import native
+
+            lib = native.library()
+            if lib is not None:
+                gx, gw, gb = native.group_norm_silu_backward(lib, grad, x, weight, bias, mean, rstd, groups, coef, m)
+                return gx, gw, gb, None, None, None
+        if cpu_cl and x.dtype in (torch.bfloat16, torch.float16) and weight is not None:
+            gx, gw, gb = _group_norm_silu_backward_cl(grad, x, weight, bias, mean, rstd, groups)
+        else:
+            z = torch.native_group_norm(x, weight, bias, b, c, hw, groups, eps)[0]  # recomputed normalized map
+            dz = torch.ops.aten.silu_backward(grad.to(z.dtype), z)
+            mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                    bias is not None and ctx.needs_input_grad[2]]
+            gx, gw, gb = torch.ops.aten.native_group_norm_backward(dz, x, mean, rstd, weight, b, c, hw, groups, mask)
+        if coef is not None and gx is not None:
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            gx = gx + (x - m.to(x.dtype).view(shape)) * coef.to(x.dtype).view(shape)
+        return gx, gw, gb, None, None, None
 
 
 def _group_norm_silu_backward_cl(grad, x, weight, bias, mean, rstd, groups):
@@ -195,34 +217,53 @@ def _group_norm_silu_backward_cl(grad, x, weight, bias, mean, rstd, groups):
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, with_std: bool = False):
     """``silu(norm(x))``, and with ``with_std`` the per-sample standard deviation of ``x`` over (C, H, W).
 
-    The std comes from the norm's own statistics: with G groups of equal size, the sample's (biased) variance
-    is ``mean_g(var_g) + mean_g((m_g - mean_g(m_g))^2)`` (no cancellation) where ``var_g = rstd_g^-2 - eps``;
-    the returned std is the unbiased one of :func:`torch.std` (``* n / (n - 1)``), with torch.std's gradient
-    (:class:`_SampleStd`). This saves AdaDM a separate reduction over the block input (``torch.std`` was a fifth
-    of the U-net's CPU time). The statistics have the precision of ``x``'s dtype (bf16 under autocast: ~0.5 %,
-    like the activations).
+    The std comes from the norm's own statistics (:func:`_sample_stats`), the unbiased one of :func:`torch.std`,
+    with torch.std's gradient (:class:`_GroupNormSiLU`). This saves AdaDM a separate reduction over the block input
+    (``torch.std`` was a fifth of the U-net's CPU time). The statistics have the precision of ``x``'s dtype (bf16
+    under autocast: ~0.5 %, like the activations).
     """
     if x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type):
         x = x.float()  # CUDA autocast runs group_norm in float32; calling the op directly bypasses autocast
     if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
-        out, mean, rstd = _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
-    else:
-        b, c = x.shape[:2]
-        out, mean, rstd = torch.native_group_norm(x, norm.weight, norm.bias, b, c, x[0, 0].numel(),
-                                                  norm.num_groups, norm.eps)
-        out = F.silu(out, inplace=True)
+        out, _, _, std = _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, with_std)
+        return (out, std) if with_std else out
+    b, c = x.shape[:2]
+    out, mean, rstd = torch.native_group_norm(x, norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups,
+                                              norm.eps)
+    out = F.silu(out, inplace=True)
     if not with_std:
         return out
-    with torch.no_grad():
-        mean, rstd = mean.float(), rstd.float()  # (B, G)
-        var_g = (rstd.pow(-2) - norm.eps).clamp_min(0.0)
-        m = mean.mean(1)  # (B,)
-        var = var_g.mean(1) + (mean - m[:, None]).pow(2).mean(1)  # (B,) biased
-        n = x[0].numel()
-        std = (var * (n / max(n - 1, 1))).sqrt()
-    if torch.is_grad_enabled() and x.requires_grad:
-        std = _SampleStd.apply(x, m, std)
-    return out, std
+    return out, _sample_stats(mean, rstd, norm.eps, x[0].numel())[1]
+
+
+class _ScaledResidual(torch.autograd.Function):
+    """``skip + h * scale`` with a per-sample ``scale`` (B,): AdaDM's modulation and the residual add in one pass.
+
+    Forward: one ``addcmul`` (no ``h * scale`` temporary). Backward: ``dh = grad * scale`` and the per-sample
+    ``dscale = sum(grad * h)`` (float32 sums), and the gradient of ``skip`` passed on as it is.
+    """
+
+    @staticmethod
+    def forward(ctx, skip, h, scale):
+        ctx.save_for_backward(h, scale)
+        return torch.addcmul(skip, h, scale.to(h.dtype).view(-1, 1, 1, 1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, scale = ctx.saved_tensors
+        dh = grad * scale.to(grad.dtype).view(-1, 1, 1, 1) if ctx.needs_input_grad[1] else None
+        dscale = (grad * h).sum(dim=(1, 2, 3), dtype=torch.float32).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        return grad if ctx.needs_input_grad[0] else None, dh, dscale
+
+
+def scaled_residual(skip: torch.Tensor, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``skip + h * scale.view(-1, 1, 1, 1)`` for 4-D maps of one dtype (fused; :class:`_ScaledResidual`)."""
+    if h.ndim != 4 or skip.dtype != h.dtype or skip.shape != h.shape:
+        return skip + h * scale.to(h.dtype).view(-1, 1, 1, 1)
+    if not torch.is_grad_enabled():
+        return torch.addcmul(skip, h, scale.to(h.dtype).view(-1, 1, 1, 1))
+    return _ScaledResidual.apply(skip, h, scale)
 
 
 class PointwiseConv2d(nn.Conv2d):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from synth7t.config import TrainConfig, apply_overrides, load_config, preset_dict, validate_config
-from synth7t.devices import resolve_accelerator, resolve_precision
+from synth7t.devices import keep_freed_memory, resolve_accelerator, resolve_precision
 from synth7t.errors import ConfigError, InputError
 from synth7t.io import read_json, write_json
 from synth7t.model_folder import load_generator_with_digest
@@ -120,6 +120,8 @@ def train(
             write_json(out / "init_from.json", {"init_from": init_from})
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     accelerator = resolve_accelerator(device)
+    if accelerator == "cpu" and keep_freed_memory():
+        log.debug("glibc malloc keeps freed blocks up to 32 MiB (fewer page faults per CPU training step)")
     strategy = _strategy(accelerator, devices, num_nodes, cfg)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
