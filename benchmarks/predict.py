@@ -86,8 +86,10 @@ def ours(preset: str, impl: str, precision: str, repeats: int) -> dict:
 def monai(preset: str, impl: str, precision: str, repeats: int) -> dict:
     import torch
 
+    from synth7t.devices import keep_freed_memory
     from train_step import build
 
+    keep_freed_memory()  # as synth7t's Predictor does on CPU: like with like
     model, forward, channels_last = build(impl, preset)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.eval().to(memory_format=fmt)

@@ -46,12 +46,14 @@ def keep_freed_memory(top_pad_mb: int = 256) -> bool:
     (32 MiB), the trim threshold to 2 GiB and the top pad to ``top_pad_mb``. Peak memory is unchanged (the blocks
     are the same; they are kept, not added). Blocks over 32 MiB are still mapped and unmapped each time.
 
-    Process-wide and idempotent; returns whether it applied (glibc on Linux only; elsewhere a no-op).
+    Process-wide and idempotent; returns whether it applied (glibc on Linux only; elsewhere, or with
+    ``SYNTH7T_MALLOC=default`` in the environment, a no-op).
     """
     import ctypes
+    import os
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("SYNTH7T_MALLOC", "").strip().lower() == "default":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

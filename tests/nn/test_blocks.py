@@ -232,14 +232,15 @@ def test_resblock_adadm_uses_the_input_std():
     torch.testing.assert_close(block(x), block.skip(x) + block.adadm(h, x), rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_bf16_attention_matches_sdpa():
+def test_cpu_bf16_attention_matches_sdpa(monkeypatch):
     """The chunked bf16 attention (forward, and its own backward) against float32 SDPA, on several chunks."""
     import synth7t.nn.kernels as kernels
 
     torch.manual_seed(8)
-    n, t = 300, 5000  # chunks of 2**20 // 5000 = 209 queries
+    n, t = 300, 5000  # forward chunks of 2**20 // 5000 = 209 queries
+    monkeypatch.setattr(kernels, "BACKWARD_CHUNK", 2**19)  # backward chunks of 104 queries
     q, k, v = torch.randn(2, 2, n, 16), torch.randn(2, 2, t, 16), torch.randn(2, 2, t, 16)
-    assert kernels._rows(n, t) < n
+    assert kernels._rows(n, t, kernels.FORWARD_CHUNK) < n and kernels._rows(n, t, kernels.BACKWARD_CHUNK) < n
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     qb, kb, vb = (x.bfloat16().requires_grad_(True) for x in (q, k, v))
     out = kernels.attention(qb, kb, vb)

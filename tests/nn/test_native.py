@@ -115,3 +115,23 @@ def test_a_failing_build_is_reported_not_raised(fresh_native, monkeypatch, tmp_p
         assert fresh_native.library() is None
     assert "simulated failure" in caplog.text
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written left in the cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_forward_matches_float64(lib, dtype):
+    """Output and group statistics of the C forward against float64 group norm, on a map far from zero mean."""
+    torch.manual_seed(3)
+    groups, shape = 4, (2, 16, 48, 50)
+    weight, bias = torch.randn(shape[1]), torch.randn(shape[1])
+    offsets = torch.linspace(-40, 80, shape[1])[:, None, None]  # large channel means: a naive E[x^2] - m^2 cancels
+    x = (torch.randn(shape) * 0.5 + offsets).to(dtype).contiguous(memory_format=torch.channels_last)
+    y, mean, rstd = native.group_norm_silu_forward(lib, x, weight, bias, groups, 1e-5)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (2, groups)
+    x64 = x.double()
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x64, groups, weight.double(), bias.double(), 1e-5))
+    g = x64.contiguous().view(2, groups, -1)
+    torch.testing.assert_close(mean.double(), g.mean(-1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), (g.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-4, atol=0)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()

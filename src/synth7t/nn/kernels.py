@@ -23,9 +23,13 @@ from torch import nn
 __all__ = ["PointwiseConv2d", "attention", "group_norm_silu", "scaled_residual"]
 
 
-def _rows(n: int, t: int) -> int:
-    """Queries per chunk: a chunk's scores (rows x T per sample and head) are ~2**20 values."""
-    return max(64, min(n, 2**20 // t))
+FORWARD_CHUNK = 2**20  # scores per chunk of queries (rows x T per sample and head) in the forward pass
+BACKWARD_CHUNK = 2**22  # and in the backward pass: fewer, larger chunks, fewer float32 dK/dV accumulations
+
+
+def _rows(n: int, t: int, scores: int) -> int:
+    """Queries per chunk: a chunk's scores (rows x T per sample and head) are about ``scores`` values."""
+    return max(64, min(n, scores // t))
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -55,8 +59,9 @@ class _ChunkedAttention(torch.autograd.Function):
         dkt = torch.zeros(kt.shape, dtype=torch.float32, device=q.device)  # (B, nh, hd, T)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)  # (B, nh, T, hd)
         k_scaled = kt.transpose(-1, -2)  # (B, nh, T, hd)
-        for i in range(0, n, _rows(n, t)):
-            sl = slice(i, i + _rows(n, t))
+        rows = _rows(n, t, BACKWARD_CHUNK)
+        for i in range(0, n, rows):
+            sl = slice(i, i + rows)
             qc, doc = q[..., sl, :], d_out[..., sl, :]
             prob = torch.softmax(torch.matmul(qc, kt), dim=-1)  # (B, nh, rows, T)
             dv += torch.matmul(prob.transpose(-1, -2), doc)
@@ -71,7 +76,7 @@ class _ChunkedAttention(torch.autograd.Function):
 def _chunked_forward(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     n, t = q.shape[-2], kt.shape[-1]
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    rows = _rows(n, t)
+    rows = _rows(n, t, FORWARD_CHUNK)
     for i in range(0, n, rows):
         s = torch.matmul(q[..., i : i + rows, :], kt)  # (B, nh, rows, T)
         torch.matmul(torch.softmax(s, dim=-1), v, out=out[..., i : i + rows, :])
@@ -83,7 +88,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     Fused ``scaled_dot_product_attention`` everywhere except on CPU in bfloat16 over many keys: there PyTorch's
     CPU flash kernel ran at ~100 GFLOP/s per core for one 128-wide head over 4032 tokens, while the plain form
-    over chunks of queries (a chunk's scores, ~2**20 per sample and head, stay in cache; the matmuls are oneDNN
+    over chunks of queries (a chunk's scores, ~2**20 per sample and head, stay in cache, 2**22 in the backward pass; the matmuls are oneDNN
     bf16 GEMMs; the softmax accumulates in float32) ran 3x faster forward and ~2x forward + backward (measured
     here, one thread). With gradients, :class:`_ChunkedAttention` keeps only q, k, v and the output, like the
     fused kernel. Same result up to bf16 rounding.
@@ -111,6 +116,30 @@ def _sample_stats(mean: torch.Tensor, rstd: torch.Tensor, eps: float, n: int) ->
     return m, (var * (n / max(n - 1, 1))).sqrt()
 
 
+def _native_library(x: torch.Tensor):
+    """The C kernels' library when ``x`` is a map they handle (a large channels-last float32/bf16 CPU map), else
+    None (also where the library could not be built)."""
+    if not (x.device.type == "cpu" and x.ndim == 4 and x.dtype in (torch.float32, torch.bfloat16)
+            and x.numel() >= NATIVE_MIN_NUMEL and x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    from synth7t.nn import native
+
+    return native.library()
+
+
+def _group_norm_silu_forward(x, weight, bias, groups: int, eps: float):
+    """``(silu(group_norm(x)), mean, rstd)``: the C kernel's two passes where it applies, else PyTorch's group norm
+    and an in-place SiLU."""
+    lib = _native_library(x)
+    if lib is not None:
+        from synth7t.nn import native
+
+        return native.group_norm_silu_forward(lib, x, weight, bias, groups, eps)
+    b, c = x.shape[:2]
+    y, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, x[0, 0].numel(), groups, eps)
+    return F.silu(y, inplace=True), mean, rstd
+
+
 class _GroupNormSiLU(torch.autograd.Function):
     """``silu(group_norm(x))`` that keeps only ``x`` and the group statistics for the backward pass, and optionally
     the per-sample standard deviation of ``x`` (AdaDM's), with :func:`torch.std`'s gradient.
@@ -121,8 +150,8 @@ class _GroupNormSiLU(torch.autograd.Function):
     statistics, no separate pass). Returns the output, the (non-differentiable) per-group mean and
     ``1 / sqrt(var + eps)`` (B, G), and the std (B,) (empty without ``with_std``).
 
-    On CPU, large channels-last float32/bf16 maps take the two-pass C kernel of :mod:`synth7t.nn.native` (where it
-    could be built); other half-precision channels-last maps :func:`_group_norm_silu_backward_cl`; the rest
+    On CPU, large channels-last float32/bf16 maps take the two-pass C kernels of :mod:`synth7t.nn.native` forward
+    and backward (where they could be built); other half-precision channels-last maps :func:`_group_norm_silu_backward_cl`; the rest
     PyTorch's native group-norm backward.
     """
 
@@ -130,7 +159,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int, eps: float, with_std: bool):
         b, c = x.shape[:2]
         hw = x[0, 0].numel()
-        y, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, hw, groups, eps)
+        out, mean, rstd = _group_norm_silu_forward(x, weight, bias, groups, eps)
         if with_std:
             m, std = _sample_stats(mean, rstd, eps, x[0].numel())
         else:
@@ -139,7 +168,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, rstd, m, std)
         ctx.dims = (b, c, hw, groups, eps)
         ctx.mark_non_differentiable(mean, rstd)
-        return F.silu(y, inplace=True), mean, rstd, std
+        return out, mean, rstd, std
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -149,15 +178,13 @@ class _GroupNormSiLU(torch.autograd.Function):
         coef = None  # d std / d x = coef_b * (x - m_b)
         if m is not None and grad_std is not None:
             coef = grad_std.float() / (max(x[0].numel() - 1, 1) * std.clamp_min(torch.finfo(std.dtype).tiny))
-        cpu_cl = x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        if cpu_cl and x.dtype in (torch.float32, torch.bfloat16) and x.numel() >= NATIVE_MIN_NUMEL \
-                and ctx.needs_input_grad[0]:
+        lib = _native_library(x) if ctx.needs_input_grad[0] else None
+        if lib is not None:
             from synth7t.nn import native
 
-            lib = native.library()
-            if lib is not None:
-                gx, gw, gb = native.group_norm_silu_backward(lib, grad, x, weight, bias, mean, rstd, groups, coef, m)
-                return gx, gw, gb, None, None, None
+            gx, gw, gb = native.group_norm_silu_backward(lib, grad, x, weight, bias, mean, rstd, groups, coef, m)
+            return gx, gw, gb, None, None, None
+        cpu_cl = x.device.type == "cpu" and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
         if cpu_cl and x.dtype in (torch.bfloat16, torch.float16) and weight is not None:
             gx, gw, gb = _group_norm_silu_backward_cl(grad, x, weight, bias, mean, rstd, groups)
         else:
@@ -227,10 +254,7 @@ def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, with_std: bool = False)
     if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
         out, _, _, std = _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, with_std)
         return (out, std) if with_std else out
-    b, c = x.shape[:2]
-    out, mean, rstd = torch.native_group_norm(x, norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups,
-                                              norm.eps)
-    out = F.silu(out, inplace=True)
+    out, mean, rstd = _group_norm_silu_forward(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
     if not with_std:
         return out
     return out, _sample_stats(mean, rstd, norm.eps, x[0].numel())[1]
@@ -240,7 +264,7 @@ class _ScaledResidual(torch.autograd.Function):
     """``skip + h * scale`` with a per-sample ``scale`` (B,): AdaDM's modulation and the residual add in one pass.
 
     Forward: one ``addcmul`` (no ``h * scale`` temporary). Backward: ``dh = grad * scale`` and the per-sample
-    ``dscale = sum(grad * h)`` (float32 sums), and the gradient of ``skip`` passed on as it is.
+    ``dscale = sum(grad * h)``, and the gradient of ``skip`` passed on as it is.
     """
 
     @staticmethod
@@ -253,7 +277,8 @@ class _ScaledResidual(torch.autograd.Function):
     def backward(ctx, grad):
         h, scale = ctx.saved_tensors
         dh = grad * scale.to(grad.dtype).view(-1, 1, 1, 1) if ctx.needs_input_grad[1] else None
-        dscale = (grad * h).sum(dim=(1, 2, 3), dtype=torch.float32).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        # sum of the product in its dtype (PyTorch's CPU/GPU reductions accumulate bf16 in float32): no float copy
+        dscale = (grad * h).sum(dim=(1, 2, 3)).to(scale.dtype) if ctx.needs_input_grad[2] else None
         return grad if ctx.needs_input_grad[0] else None, dh, dscale
 
 
