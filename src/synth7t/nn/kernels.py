@@ -88,10 +88,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     Fused ``scaled_dot_product_attention`` everywhere except on CPU in bfloat16 over many keys: there PyTorch's
     CPU flash kernel ran at ~100 GFLOP/s per core for one 128-wide head over 4032 tokens, while the plain form
-    over chunks of queries (a chunk's scores, ~2**20 per sample and head, stay in cache, 2**22 in the backward pass; the matmuls are oneDNN
-    bf16 GEMMs; the softmax accumulates in float32) ran 3x faster forward and ~2x forward + backward (measured
-    here, one thread). With gradients, :class:`_ChunkedAttention` keeps only q, k, v and the output, like the
-    fused kernel. Same result up to bf16 rounding.
+    over chunks of queries (a chunk's scores, ~2**20 per sample and head, stay in cache; 2**22 in the backward
+    pass; the matmuls are oneDNN bf16 GEMMs; the softmax accumulates in float32) ran 3x faster forward and ~2x
+    forward + backward (measured here, one thread). With gradients, :class:`_ChunkedAttention` keeps only q, k, v
+    and the output, like the fused kernel. Same result up to bf16 rounding.
     """
     if not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[-2] > 64):
         return F.scaled_dot_product_attention(q, k, v)
@@ -151,8 +151,8 @@ class _GroupNormSiLU(torch.autograd.Function):
     ``1 / sqrt(var + eps)`` (B, G), and the std (B,) (empty without ``with_std``).
 
     On CPU, large channels-last float32/bf16 maps take the two-pass C kernels of :mod:`synth7t.nn.native` forward
-    and backward (where they could be built); other half-precision channels-last maps :func:`_group_norm_silu_backward_cl`; the rest
-    PyTorch's native group-norm backward.
+    and backward (where they could be built); other half-precision channels-last maps
+    :func:`_group_norm_silu_backward_cl`; the rest PyTorch's native group-norm backward.
     """
 
     @staticmethod

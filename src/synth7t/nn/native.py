@@ -83,7 +83,8 @@ def _build(cc: str) -> Path:
         obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
         # -ffast-math only when compiling: linking with it would add crtfastmath.o, which sets flush-to-zero for
         # the whole process when the library loads.
-        for cmd in ([cc, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)], [cc, "-shared", str(obj), "-o", str(lib), "-lm"]):
+        compile_cmd = [cc, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)]
+        for cmd in (compile_cmd, [cc, "-shared", str(obj), "-o", str(lib), "-lm"]):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd[:2])}... failed: {(proc.stderr or proc.stdout).strip()[:300]}")
