@@ -94,6 +94,14 @@ def _verify(d: Path) -> tuple[dict, dict[str, str]]:
     return cfg, digests
 
 
+def _first_error(exc: Exception) -> str:
+    """The first line that names the problem: pydantic's second line (its first only counts the errors)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and "validation error" in lines[0]:
+        return lines[1]
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_generator(model_dir: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the generator from a model folder (config.json + model.safetensors); returns (model, config).
 
@@ -116,6 +124,13 @@ def load_generator_with_digest(model_dir: str | Path, device: str | torch.device
     weights = d / "model.safetensors"
     try:
         net = build_generator(cfg["model"])  # dispatches on cfg["model"]["kind"]
+    except Exception as exc:  # an unknown kind or invalid settings: say what config.json holds, not "weights"
+        kind = cfg.get("model", {}).get("kind", "unet") if isinstance(cfg.get("model"), dict) else None
+        if kind not in ("unet", "unet3d"):
+            raise InputError(f"{model_dir}: config.json model.kind {kind!r} is not a network this version knows "
+                             "(unet, unet3d); a newer synth7t may have written it") from None
+        raise InputError(f"{model_dir}: config.json has an invalid model section ({_first_error(exc)})") from None
+    try:
         net.load_state_dict(load_file(str(weights), device="cpu"))
     except Exception as exc:  # a config/weights mismatch is a broken model folder, not a bug
         raise InputError(f"{model_dir}: weights do not match config.json ({str(exc).splitlines()[0]})") from None

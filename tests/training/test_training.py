@@ -229,3 +229,21 @@ def test_model_config_carries_the_preprocessing(tiny_model, tiny_store):
     prep = cfg["preprocessing"]
     assert prep["skullstrip"] == "deepbet" and prep["n4_3t"] == "3t" and prep["voxel_size_mm"] == [0.65] * 3
     assert prep["normalization"]["method"] == "clipped_minmax"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"kind": "transformer9000"}, "model.kind 'transformer9000' is not a network this version knows"),
+    ({"channels": -4}, "invalid model section"),
+])
+def test_model_folder_with_an_unknown_or_invalid_network_says_so(trained, tmp_path, change, message):
+    """A config.json from another version names the network problem, not a weights mismatch."""
+
+    from safetensors.torch import load_file as load_weights
+
+    from synth7t.model_folder import load_generator, save_model_folder
+
+    cfg = json.loads((trained / "config.json").read_text())
+    cfg["model"].update(change)
+    bad = save_model_folder(tmp_path / "bad", load_weights(str(trained / "model.safetensors")), cfg, {}, "card\n")
+    with pytest.raises(InputError, match=message):
+        load_generator(bad)
