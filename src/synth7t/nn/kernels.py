@@ -286,9 +286,7 @@ def scaled_residual(skip: torch.Tensor, h: torch.Tensor, scale: torch.Tensor) ->
     """``skip + h * scale.view(-1, 1, 1, 1)`` for 4-D maps of one dtype (fused; :class:`_ScaledResidual`)."""
     if h.ndim != 4 or skip.dtype != h.dtype or skip.shape != h.shape:
         return skip + h * scale.to(h.dtype).view(-1, 1, 1, 1)
-    if not torch.is_grad_enabled():
-        return torch.addcmul(skip, h, scale.to(h.dtype).view(-1, 1, 1, 1))
-    return _ScaledResidual.apply(skip, h, scale)
+    return _ScaledResidual.apply(skip, h, scale)  # without grad: just its forward, one addcmul
 
 
 class PointwiseConv2d(nn.Conv2d):

@@ -97,7 +97,7 @@ def _load(path: Path) -> ctypes.CDLL:
     p, n = ctypes.c_void_p, ctypes.c_long
     for suffix in ("f32", "bf16"):
         getattr(lib, f"gn_silu_bwd_sums_{suffix}").argtypes = [p, p, n, n, n, n, n, p, p, p, p, p]
-        getattr(lib, f"gn_silu_bwd_dx_{suffix}").argtypes = [p, p, n, n, n, n, n, p, p, p, p, p, p, p]
+        getattr(lib, f"gn_silu_bwd_dx_{suffix}").argtypes = [p, p, n, n, n, n, n, p, p, p, p, p, p]
         getattr(lib, f"gn_silu_fwd_stats_{suffix}").argtypes = [p, n, n, n, n, n, p, p, p]
         getattr(lib, f"gn_silu_fwd_apply_{suffix}").argtypes = [p, n, n, n, n, n, p, p, p]
     return lib
@@ -143,6 +143,17 @@ def _run(fn, n_chunks: int, make_args) -> None:
         fut.result()
 
 
+def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, str, int]:
+    """``x`` as a channels-last map, the kernels' type suffix, and the number of chunks of :data:`ROWS` pixels."""
+    suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}[x.dtype]
+    return x.contiguous(memory_format=torch.channels_last), suffix, x.shape[0] * -(-x[0, 0].numel() // ROWS)
+
+
+def _ptr(t: torch.Tensor, offset: int = 0) -> int:
+    """Address of ``t``'s first element, plus ``offset`` elements."""
+    return t.data_ptr() + offset * t.element_size()
+
+
 def group_norm_silu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, groups: int,
                              std_coef: torch.Tensor | None = None, sample_mean: torch.Tensor | None = None):
@@ -154,21 +165,18 @@ def group_norm_silu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tens
     """
     bsz, c, h, w = x.shape
     hw, cg = h * w, c // groups
-    suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}[x.dtype]
-    x = x.contiguous(memory_format=torch.channels_last)
+    x, suffix, n_chunks = _chunks(x)
     grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
     m = mean.float().repeat_interleave(cg, 1).contiguous()  # (B, C)
     r = rstd.float().repeat_interleave(cg, 1)  # (B, C)
     w32 = weight.float() if weight is not None else torch.ones(c)
     b32 = (bias.float() if bias is not None else torch.zeros(c)).contiguous()
     a = (r * w32).contiguous()
-    n_chunks = bsz * -(-hw // ROWS)
     s1 = torch.empty(n_chunks, c)
     s2 = torch.empty(n_chunks, c)
-    ptr = lambda t: t.data_ptr()  # noqa: E731
     fn = getattr(lib, f"gn_silu_bwd_sums_{suffix}")
-    _run(fn, n_chunks, lambda k0, k1: (ptr(x), ptr(grad), hw, c, ROWS, k0, k1, ptr(m), ptr(a), ptr(b32),
-                                       ptr(s1) + k0 * c * 4, ptr(s2) + k0 * c * 4))
+    _run(fn, n_chunks, lambda k0, k1: (_ptr(x), _ptr(grad), hw, c, ROWS, k0, k1, _ptr(m), _ptr(a), _ptr(b32),
+                                       _ptr(s1, k0 * c), _ptr(s2, k0 * c)))
     sum1 = s1.view(bsz, -1, c).sum(1)  # (B, C), fixed order: chunks of one sample
     sum2 = s2.view(bsz, -1, c).sum(1)
     n = hw * cg
@@ -183,8 +191,8 @@ def group_norm_silu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tens
     cxc, c0 = cxc.contiguous(), c0.contiguous()
     dx = torch.empty_like(x, memory_format=torch.channels_last)
     fn = getattr(lib, f"gn_silu_bwd_dx_{suffix}")
-    _run(fn, n_chunks, lambda k0, k1: (ptr(x), ptr(grad), hw, c, ROWS, k0, k1, ptr(m), ptr(a), ptr(b32), ptr(a),
-                                       ptr(cxc), ptr(c0), ptr(dx)))
+    _run(fn, n_chunks, lambda k0, k1: (_ptr(x), _ptr(grad), hw, c, ROWS, k0, k1, _ptr(m), _ptr(a), _ptr(b32),
+                                       _ptr(cxc), _ptr(c0), _ptr(dx)))
     dw = (r * sum2).sum(0).to(weight.dtype) if weight is not None else None
     db = sum1.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dw, db
@@ -200,15 +208,12 @@ def group_norm_silu_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Ten
     """
     bsz, c, h, w = x.shape
     hw, cg = h * w, c // groups
-    suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}[x.dtype]
-    x = x.contiguous(memory_format=torch.channels_last)
+    x, suffix, n_chunks = _chunks(x)
     shift = x.permute(0, 2, 3, 1)[:, 0, 0, :].float().contiguous()  # (B, C)
-    n_chunks = bsz * -(-hw // ROWS)
     t1 = torch.empty(n_chunks, c)
     t2 = torch.empty(n_chunks, c)
-    ptr = lambda t: t.data_ptr()  # noqa: E731
     _run(getattr(lib, f"gn_silu_fwd_stats_{suffix}"), n_chunks,
-         lambda k0, k1: (ptr(x), hw, c, ROWS, k0, k1, ptr(shift), ptr(t1) + k0 * c * 4, ptr(t2) + k0 * c * 4))
+         lambda k0, k1: (_ptr(x), hw, c, ROWS, k0, k1, _ptr(shift), _ptr(t1, k0 * c), _ptr(t2, k0 * c)))
     s1 = t1.double().view(bsz, -1, c).sum(1)  # (B, C): sum of (x - k) over the sample's pixels
     s2 = t2.double().view(bsz, -1, c).sum(1)
     mean_c = shift.double() + s1 / hw  # per channel
@@ -224,5 +229,5 @@ def group_norm_silu_forward(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Ten
     a, d = a.float().contiguous(), d.float().contiguous()
     y = torch.empty_like(x, memory_format=torch.channels_last)
     _run(getattr(lib, f"gn_silu_fwd_apply_{suffix}"), n_chunks,
-         lambda k0, k1: (ptr(x), hw, c, ROWS, k0, k1, ptr(a), ptr(d), ptr(y)))
+         lambda k0, k1: (_ptr(x), hw, c, ROWS, k0, k1, _ptr(a), _ptr(d), _ptr(y)))
     return y, mean_g.float(), rstd_g.float()

@@ -12,8 +12,8 @@
  *
  * Backward, with xc = x - m (m: the channel's group mean), z = a * xc + bias (a = rstd * weight), s = sigmoid(z):
  *   pass 1 (`sums`): dz = g * s * (1 + z * (1 - s)); per chunk and channel s1 = sum dz, s2 = sum dz * xc;
- *   pass 2 (`dx`):   dx = cdz * dz + cxc * xc + c0, with per-sample, per-channel coefficients from the caller.
- * Per-(sample, channel) arrays (m, a, cdz, cxc, c0) are B x C; bias is C; s1, s2 are (k1 - k0) x C.
+ *   pass 2 (`dx`):   dx = a * dz + cxc * xc + c0, with per-sample, per-channel coefficients from the caller.
+ * Per-(sample, channel) arrays (m, a, cxc, c0) are B x C; bias is C; s1, s2 are (k1 - k0) x C.
  * Compiled with -O3 -march=native -ffast-math (vectorised expf from glibc's libmvec); linked without it. */
 #include <math.h>
 #include <stdint.h>
@@ -30,6 +30,11 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     uint32_t u = t.u;
     u += 0x7FFFu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+static inline float silu_grad(float g, float z) { /* d silu(z) / dz times the incoming gradient g */
+    float s = 1.0f / (1.0f + expf(-z));
+    return g * s * (1.0f + z * (1.0f - s));
 }
 
 #define DEFINE_FORWARD(SUFFIX, T, LOAD, STORE)                                                                     \
@@ -83,8 +88,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
                 for (long j = 0; j < c; ++j) {                                                                     \
                     float xc = LOAD(xr[j]) - mb[j];                                                                \
                     float z = ab[j] * xc + bias[j];                                                                \
-                    float s = 1.0f / (1.0f + expf(-z));                                                            \
-                    float dz = LOAD(gr[j]) * s * (1.0f + z * (1.0f - s));                                          \
+                    float dz = silu_grad(LOAD(gr[j]), z);                                                          \
                     o1[j] += dz;                                                                                   \
                     o2[j] += dz * xc;                                                                              \
                 }                                                                                                  \
@@ -92,12 +96,12 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
         }                                                                                                          \
     }                                                                                                              \
     void gn_silu_bwd_dx_##SUFFIX(const T *x, const T *g, long hw, long c, long rows, long k0, long k1,             \
-                                 const float *m, const float *a, const float *bias, const float *cdz,             \
-                                 const float *cxc, const float *c0, T *dx) {                                       \
+                                 const float *m, const float *a, const float *bias, const float *cxc,             \
+                                 const float *c0, T *dx) {                                                         \
         long nk = (hw + rows - 1) / rows;                                                                          \
         for (long k = k0; k < k1; ++k) {                                                                           \
             long b = k / nk, p0 = (k % nk) * rows, p1 = p0 + rows < hw ? p0 + rows : hw;                           \
-            const float *mb = m + b * c, *ab = a + b * c, *db = cdz + b * c, *xb = cxc + b * c, *zb = c0 + b * c;  \
+            const float *mb = m + b * c, *ab = a + b * c, *xb = cxc + b * c, *zb = c0 + b * c;                     \
             for (long p = p0; p < p1; ++p) {                                                                       \
                 long off = (b * hw + p) * c;                                                                       \
                 const T *xr = x + off, *gr = g + off;                                                              \
@@ -105,9 +109,8 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
                 for (long j = 0; j < c; ++j) {                                                                     \
                     float xc = LOAD(xr[j]) - mb[j];                                                                \
                     float z = ab[j] * xc + bias[j];                                                                \
-                    float s = 1.0f / (1.0f + expf(-z));                                                            \
-                    float dz = LOAD(gr[j]) * s * (1.0f + z * (1.0f - s));                                          \
-                    out[j] = STORE(db[j] * dz + xb[j] * xc + zb[j]);                                               \
+                    float dz = silu_grad(LOAD(gr[j]), z);                                                          \
+                    out[j] = STORE(ab[j] * dz + xb[j] * xc + zb[j]);                                               \
                 }                                                                                                  \
             }                                                                                                      \
         }                                                                                                          \
