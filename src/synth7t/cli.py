@@ -120,7 +120,9 @@ def demo(
             diff = table.get("model_minus_best_baseline")
             if diff:
                 typer.echo(f"  {name}: model - best realizable baseline ({table['best_baseline']['name']}): "
-                           f"brain PSNR {diff['brain_psnr']:+.2f} dB, brain SSIM {diff['brain_ssim']:+.3f}")
+                           f"brain PSNR {diff['brain_psnr']:+.2f} dB, brain SSIM {diff['brain_ssim']:+.3f}"
+                           + (f" (without the slices QC marked corrupted: {diff['brain_psnr_valid']:+.2f} dB)"
+                              if diff.get("brain_psnr_valid") is not None else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------

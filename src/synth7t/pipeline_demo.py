@@ -99,14 +99,23 @@ def prepare_store(manifest: Path, work: Path, store: Path, private: Path, *, job
                   n_test: int | None, progress: bool) -> dict[str, str]:
     """Preprocess a (demo or transfer) cohort and pack it; ``n_test=None`` puts every subject in the test split.
 
-    Returns the ID -> pseudonym mapping of the preprocessed subjects.
+    Returns the ID -> pseudonym mapping of the preprocessed subjects. The pseudonym key (``private/pseudonym.key``)
+    is derived from ``seed`` (:func:`simulated_cohort_key`), so that the same seed gives the same pseudonyms and
+    therefore the same split in every run; these cohorts are simulated, or built from public template brains.
     """
     from synth7t.dataset.pack import pack
     from synth7t.preprocess.pipeline import preprocess
 
     # the demo's images are brains without skull (simulated from a skull-stripped template): an intensity mask
     # strips them
-    res = preprocess(manifest, work, jobs=jobs, fast=True, skullstrip="threshold", key_file=private / "pseudonym.key",
+    key_file = private / "pseudonym.key"
+    if not key_file.exists():  # a folder started by an earlier release keeps its (random) key: resume stays exact
+        from synth7t.io import atomic_path
+
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(key_file) as tmp:
+            tmp.write_text(simulated_cohort_key(seed).hex() + "\n", encoding="utf-8")
+    res = preprocess(manifest, work, jobs=jobs, fast=True, skullstrip="threshold", key_file=key_file,
                      mapping_file=private / "mapping.json", progress=progress)
     if res.failed:
         log.warning("preprocessing failed for %d subject(s): %s", len(res.failed), res.failed)
@@ -114,6 +123,17 @@ def prepare_store(manifest: Path, work: Path, store: Path, private: Path, *, job
     split = (0, 0, usable) if n_test is None else _split_counts(usable, n_test, work)
     pack(work, store, multiple=8, seed=seed, split=split, progress=progress)
     return dict(res.pseudonyms)
+
+
+def simulated_cohort_key(seed: int) -> bytes:
+    """The pseudonym key of a simulated cohort: a fixed function of ``seed``.
+
+    A real cohort's key is random and secret (:mod:`synth7t.preprocess.anonymize`); a simulated one needs none,
+    and a fixed key makes the demo's held-out subjects (the split follows the pseudonyms) the same in every run.
+    """
+    import hashlib
+
+    return hashlib.sha256(f"synth7t simulated cohort, seed {int(seed)}".encode()).digest()
 
 
 def train_model(store: Path, folder: Path, overrides: dict, progress: bool, preset: str = "tiny") -> Path:

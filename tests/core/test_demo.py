@@ -147,3 +147,22 @@ def test_3t_is_blurrier_and_noisier_than_7t(cohort):
         sharp7, noise7 = _sharpness_and_noise(load_volume(out / "raw" / f"{sid}_7T.nii.gz"))
         assert sharp3 < 0.6 * sharp7, (sid, sharp3, sharp7)
         assert noise3 > 1.5 * noise7, (sid, noise3, noise7)
+
+
+def test_simulated_cohort_key_is_fixed_per_seed_and_an_existing_key_is_kept(tmp_path):
+    """The demo's pseudonyms (hence its train/test split) follow the seed; a folder started earlier keeps its key."""
+    from synth7t.errors import Synth7tError
+    from synth7t.pipeline_demo import prepare_store, simulated_cohort_key
+
+    assert simulated_cohort_key(0) == simulated_cohort_key(0) != simulated_cohort_key(1)
+    assert len(simulated_cohort_key(0)) == 32
+    missing = tmp_path / "absent.csv"
+    for private, existing in ((tmp_path / "new", None), (tmp_path / "old", "ab" * 32 + "\n")):
+        if existing is not None:
+            private.mkdir()
+            (private / "pseudonym.key").write_text(existing)
+        with pytest.raises(Synth7tError, match="absent.csv"):  # the manifest is read after the key is in place
+            prepare_store(missing, tmp_path / "work", tmp_path / "store", private, jobs=1, seed=0, n_test=2,
+                          progress=False)
+        expected = simulated_cohort_key(0).hex() + "\n" if existing is None else existing
+        assert (private / "pseudonym.key").read_text() == expected

@@ -23,8 +23,14 @@ def test_evaluate_writes_report_and_quality_table(tiny_model, tiny_store, tmp_pa
     assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows if r["method"] != "histmatch_oracle")
     assert all(r["dice_mean"] == "" for r in rows if r["method"] == "histmatch_oracle")
     table = quality_table(tmp_path / "report", tmp_path / "quality.json")
-    keys = {"brain_psnr", "brain_ssim", "hfen", "dice"}
+    keys = {"brain_psnr", "brain_ssim", "hfen", "dice", "brain_psnr_valid", "brain_ssim_valid"}
     assert set(table["model"]) == keys and all(set(v) == keys for v in table["baselines"].values())
+    # "no corrupt." columns: the mean of metrics.csv's column over the subjects, per method
+    for key, column in (("brain_psnr_valid", "psnr_brain_valid"), ("brain_ssim_valid", "ssim_brain_valid")):
+        for method in ("model", "bspline"):
+            values = [float(r[column]) for r in rows if r["method"] == method]
+            entry = table["model"] if method == "model" else table["baselines"][method]
+            assert entry[key] == pytest.approx(sum(values) / len(values))
     assert table["oracle"]["dice"] is None and table["model"]["dice"] is not None
     # the best baseline is the best *realizable* one, never the oracle, which is reported beside it
     assert table["best_baseline"]["name"] in ("t3_input", "trilinear", "bspline", "histmatch_population")

@@ -33,8 +33,11 @@ from synth7t.io import Volume, load_volume, save_volume, write_json
 
 log = logging.getLogger(__name__)
 
-QUALITY_KEYS = {"brain_psnr": "psnr_brain", "brain_ssim": "ssim_brain", "hfen": "hfen", "dice": "dice_mean"}
-"""Key in ``quality.json`` (the spelling of the benchmark issue) -> column of ``metrics.csv``."""
+QUALITY_KEYS = {"brain_psnr": "psnr_brain", "brain_ssim": "ssim_brain", "hfen": "hfen", "dice": "dice_mean",
+                "brain_psnr_valid": "psnr_brain_valid", "brain_ssim_valid": "ssim_brain_valid"}
+"""Key in ``quality.json`` (the spelling of the benchmark issue) -> column of ``metrics.csv``. The ``_valid``
+keys leave out the slices QC marked corrupted in the real 7T (thesis table 1's "no corrupt." columns): there the
+target itself is wrong, so every method is scored against signal drop-out it cannot and should not predict."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,7 +344,8 @@ def quality_table(report_dir: str | Path, dest: str | Path | None = None,
 
     ``{"model": {...}, "baselines": {name: {...}}, "best_baseline": {"name": ..., ...}, "oracle": {...},
     "model_minus_best_baseline": {...}, "model_minus_oracle": {...}, "n_subjects": n, "<extra>": {...}}`` with
-    the keys ``brain_psnr``, ``brain_ssim``, ``hfen``, ``dice`` (None where not computed). The best baseline is
+    the keys ``brain_psnr``, ``brain_ssim``, ``hfen``, ``dice``, ``brain_psnr_valid``, ``brain_ssim_valid``
+    (:data:`QUALITY_KEYS`; None where not computed). The best baseline is
     the *realizable* one with the highest mean brain PSNR (never the oracle). ``groups`` (subject -> group name)
     adds ``"groups": {name: <the same table over that group's subjects>}``. Written to ``dest`` when given.
     """
