@@ -10,7 +10,9 @@ Networks, all at one preset's settings (channels, multipliers, groups, residual 
   network: Ho et al.'s U-net, one attention head, conditioned on the 7 covariates as one context token, a fixed
   timestep 0) and run as the thesis code ran it: its own attention (no ``scaled_dot_product_attention``),
   contiguous memory;
-* ``MONAI tuned``: the same network with ``use_flash_attention=True`` (PyTorch's fused SDPA) and channels-last.
+* ``MONAI tuned``: the same network with ``use_flash_attention=True`` (PyTorch's fused SDPA) and channels-last;
+* ``ours NCHW`` (opt-in, ``--impls ours ours-nchw``): ``ours`` in PyTorch's default contiguous layout, the layout
+  ``synth7t train`` used on CPU before ``trainer.channels_last`` (printed as ``nchw/ours``).
 
 ``ours`` and the MONAI networks have the same structure (parameter counts in the last column; MONAI's include its
 timestep embedding and its strided-convolution down-sampling / convolution after up-sampling, where the thesis
@@ -40,7 +42,11 @@ import time
 from pathlib import Path
 
 IMPLS = ("ours", "light", "monai-thesis", "monai-tuned")
-LABELS = {"ours": "ours", "light": "light", "monai-thesis": "MONAI thesis", "monai-tuned": "MONAI tuned"}
+# opt-in (--impls ... ours-nchw): ours in PyTorch's default (contiguous) layout, as `synth7t train` ran it on CPU
+# before trainer.channels_last
+EXTRA_IMPLS = ("ours-nchw",)
+LABELS = {"ours": "ours", "light": "light", "monai-thesis": "MONAI thesis", "monai-tuned": "MONAI tuned",
+          "ours-nchw": "ours NCHW"}
 
 
 def unet_config(preset: str, impl: str):
@@ -74,11 +80,11 @@ def build(impl: str, preset: str):
     import torch
 
     cfg = unet_config(preset, impl)
-    if impl in ("ours", "light"):
+    if impl in ("ours", "light", "ours-nchw"):
         from synth7t.nn import UNet
 
         model = UNet(cfg)
-        return model, (lambda x, c: model(x, c)), True
+        return model, (lambda x, c: model(x, c)), impl != "ours-nchw"
     tuned = impl == "monai-tuned"
     model = monai_network(cfg, tuned)
     conditioned = bool(cfg.cross_attention_stages)
@@ -170,7 +176,7 @@ def parse_args(argv=None, what: str = "train") -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="biofinder only, 2 repeats")
     ap.add_argument("--presets", nargs="+", default=None, choices=["tiny", "biofinder", "unc", "gan"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS + EXTRA_IMPLS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
@@ -238,12 +244,14 @@ def format_row(preset: str, precision: str, res: dict, mem: str) -> str:
         a, b = res.get("ours", {}), res.get(ref, {})
         return f"{b['seconds'] / a['seconds']:.2f}x" if "seconds" in a and "seconds" in b else "n/a"
 
+    layout = f" nchw/ours {ratio('ours-nchw')}" if "ours-nchw" in res else ""
+
     err = "".join(f"  [{LABELS[n]}: {d['error']}]" for n, d in res.items() if "error" in d)
     times = " ".join(f"{f(d, 'seconds', '.2f'):>13}" for d in res.values())
     rams = " ".join(f"{f(d, key, '.0f'):>16}" for d in res.values())
     params = "/".join(f(d, "params_m", ".1f") for d in res.values())
     return (f"{preset:10} {precision:5} {times} {ratio('monai-tuned'):>10} {ratio('monai-thesis'):>11} | {rams} | "
-            f"{params}{err}")
+            f"{params}{layout}{err}")
 
 
 if __name__ == "__main__":

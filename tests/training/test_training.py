@@ -247,3 +247,43 @@ def test_model_folder_with_an_unknown_or_invalid_network_says_so(trained, tmp_pa
     bad = save_model_folder(tmp_path / "bad", load_weights(str(trained / "model.safetensors")), cfg, {}, "card\n")
     with pytest.raises(InputError, match=message):
         load_generator(bad)
+
+
+class _Layout(pl.Callback):
+    """Record the memory layout of the generator's input and first convolution's weight during training."""
+
+    def __init__(self):
+        self.inputs, self.weights = [], []
+
+    def on_fit_start(self, trainer, module):
+        def hook(_net, args):
+            self.inputs.append(args[0].is_contiguous(memory_format=torch.channels_last))
+            self.weights.append(module.generator.stem.weight.is_contiguous(memory_format=torch.channels_last))
+
+        module.generator.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("auto", True), (False, False), (True, True)])
+def test_training_memory_layout_follows_trainer_channels_last(tiny_store, tmp_path, fast_training, setting, expected):
+    """On CPU in one process "auto" trains the 2.5D U-net channels-last (predict's layout); false keeps PyTorch's."""
+    _, store = tiny_store
+    over = {**fast_training, "trainer.max_epochs": 1, "trainer.limit_train_batches": 2,
+            "trainer.channels_last": setting}
+    rec = _Layout()
+    out = train(store, tmp_path / "run", preset="tiny", overrides=over, progress=False, extra_callbacks=[rec])
+    assert rec.inputs and set(rec.inputs) == {expected} and set(rec.weights) == {expected}
+    assert all(t.is_contiguous() for t in load_file(str(out / "model.safetensors")).values())  # safetensors: dense
+
+
+def test_channels_last_choice():
+    from synth7t.config import load_config
+    from synth7t.training.module import use_channels_last
+
+    cfg = load_config("tiny")
+    assert use_channels_last(cfg, torch.device("cpu")) is True
+    assert use_channels_last(cfg, torch.device("cpu"), world_size=2) is False  # CPU DDP: not measured, left alone
+    assert use_channels_last(cfg, torch.device("cuda")) is False
+    assert use_channels_last(load_config("tiny", {"trainer.channels_last": True}), torch.device("cuda")) is True
+    assert use_channels_last(load_config("tiny3d"), torch.device("cpu")) is False
+    with pytest.raises(Exception, match="channels_last"):
+        load_config("tiny", {"trainer.channels_last": "sometimes"})
