@@ -121,8 +121,9 @@ class TrainerConfig(_Strict):
     val_every_n_epochs: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's default)
     checkpoint_every_steps: int = Field(200, ge=1)
-    # memory layout of the 2.5D U-net in training: "auto" = channels-last on CPU in one process (the layout
-    # `predict` runs and the fused C kernels need), PyTorch's default elsewhere; true/false force it
+    # memory layout of the 2.5D U-net in training: "auto" = channels-last on CPU in one process for networks of
+    # >= 64 channels (the layout `predict` runs and the fused C kernels need; measured faster there, slower for
+    # `tiny`), PyTorch's default elsewhere; true/false force it
     channels_last: bool | Literal["auto"] = "auto"
 
 

@@ -272,16 +272,25 @@ class Synth7tModule(pl.LightningModule):
         return ([opt_g, opt_d], [sched] if sched is not None else [])
 
 
+CHANNELS_LAST_MIN_WIDTH = 64
+"""``trainer.channels_last: auto`` lays out a 2.5D U-net at least this wide (``model.channels``) channels-last on CPU.
+
+Measured alone on the 2-core machine: biofinder (64) trains its step 1.13x (bf16) / 1.15x (fp32) faster
+channels-last (``benchmarks/train_step.py --impls ours ours-nchw``), while ``tiny`` (16) took 282 vs 308 steps in
+the same 2 minutes of ``synth7t train`` (NCHW faster), though its bare network step was 1.04-1.06x faster."""
+
+
 def use_channels_last(cfg, device: torch.device, world_size: int = 1) -> bool:
-    """Whether the generator trains channels-last: ``trainer.channels_last`` true/false as given; ``"auto"``: the
-    2.5D U-net on CPU in one process, where it was measured faster (``benchmarks/train_step.py --impls ours
-    ours-nchw``: biofinder 1.13x bf16 / 1.15x fp32, tiny 1.04-1.06x). A 3-D model never does."""
+    """Whether the generator trains channels-last: ``trainer.channels_last`` true/false as given; ``"auto"``: a
+    2.5D U-net of at least :data:`CHANNELS_LAST_MIN_WIDTH` channels on CPU in one process, where it was measured
+    faster. A 3-D model never does."""
     if cfg.is_3d:
         return False
     choice = cfg.trainer.channels_last
     if choice != "auto":
         return bool(choice)
-    return torch.device(device).type == "cpu" and world_size == 1
+    return (torch.device(device).type == "cpu" and world_size == 1
+            and cfg.model.channels >= CHANNELS_LAST_MIN_WIDTH)
 
 
 def make_scheduler(opt, o):
