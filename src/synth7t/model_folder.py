@@ -125,10 +125,12 @@ def load_generator_with_digest(model_dir: str | Path, device: str | torch.device
     try:
         net = build_generator(cfg["model"])  # dispatches on cfg["model"]["kind"]
     except Exception as exc:  # an unknown kind or invalid settings: say what config.json holds, not "weights"
-        kind = cfg.get("model", {}).get("kind", "unet") if isinstance(cfg.get("model"), dict) else None
-        if kind not in ("unet", "unet3d"):
+        from synth7t.nn.config import GENERATOR_KINDS, generator_kind
+
+        kind = generator_kind(cfg["model"]) if isinstance(cfg.get("model"), dict) else None
+        if kind not in GENERATOR_KINDS:
             raise InputError(f"{model_dir}: config.json model.kind {kind!r} is not a network this version knows "
-                             "(unet, unet3d); a newer synth7t may have written it") from None
+                             f"({', '.join(GENERATOR_KINDS)}); a newer synth7t may have written it") from None
         raise InputError(f"{model_dir}: config.json has an invalid model section ({_first_error(exc)})") from None
     try:
         net.load_state_dict(load_file(str(weights), device="cpu"))

@@ -110,11 +110,10 @@ def prepare_store(manifest: Path, work: Path, store: Path, private: Path, *, job
     # strips them
     key_file = private / "pseudonym.key"
     if not key_file.exists():  # a folder started by an earlier release keeps its (random) key: resume stays exact
-        from synth7t.io import atomic_path
+        from synth7t.preprocess.anonymize import write_key
 
         key_file.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(key_file) as tmp:
-            tmp.write_text(simulated_cohort_key(seed).hex() + "\n", encoding="utf-8")
+        write_key(key_file, simulated_cohort_key(seed))
     res = preprocess(manifest, work, jobs=jobs, fast=True, skullstrip="threshold", key_file=key_file,
                      mapping_file=private / "mapping.json", progress=progress)
     if res.failed:

@@ -241,14 +241,17 @@ class UNet3DConfig(BaseModel):
         return 2 ** (len(self.channels) - 1)
 
 
-def _kind(value: Any) -> str:
+def generator_kind(value: Any) -> str:
     """The architecture kind of a model section (dict or config object); absent = the 2.5D ``unet``."""
     return value.get("kind", "unet") if isinstance(value, dict) else getattr(value, "kind", "unet")
 
 
+#: The ``model.kind`` values this version builds: the tags of :data:`GeneratorConfig`, in its order.
+GENERATOR_KINDS = ("unet", "unet3d")
 #: A generator's settings: ``model.kind`` ``unet`` (or absent; 2.5D, :class:`UNetConfig`) or ``unet3d``.
 GeneratorConfig = Annotated[
-    Annotated[UNetConfig, Tag("unet")] | Annotated[UNet3DConfig, Tag("unet3d")], Discriminator(_kind)
+    Annotated[UNetConfig, Tag(GENERATOR_KINDS[0])] | Annotated[UNet3DConfig, Tag(GENERATOR_KINDS[1])],
+    Discriminator(generator_kind),
 ]
 _GENERATOR = TypeAdapter(GeneratorConfig)
 

@@ -58,7 +58,11 @@ def load_or_create_key(key_file: Path, *, work: Path | None = None) -> bytes:
         if len(key) < 16:
             raise InputError(f"{key_file}: pseudonym key shorter than 16 bytes")
         return key
-    key = secrets.token_bytes(KEY_BYTES)
+    return write_key(key_file, secrets.token_bytes(KEY_BYTES))
+
+
+def write_key(key_file: Path, key: bytes) -> bytes:
+    """Write ``key`` as hex into ``key_file`` (mode 0600, atomically); returns it."""
     with atomic_path(key_file) as tmp:
         tmp.write_text(key.hex() + "\n", encoding="utf-8")
         os.chmod(tmp, 0o600)

@@ -85,6 +85,7 @@ class Synth7tModule(pl.LightningModule):
             self.automatic_optimization = False
         self.perceptual = None  # built in setup(): frozen, not part of the state dict
         self._val = []
+        self._channels_last = False  # decided in on_fit_start (use_channels_last)
 
     # -- losses ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -103,7 +104,7 @@ class Synth7tModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 offset: torch.Tensor | None = None) -> torch.Tensor:
-        if getattr(self, "_channels_last", False) and x.ndim == 4:
+        if self._channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.generator(x, context, offset)
 
