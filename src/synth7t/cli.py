@@ -98,7 +98,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same cohort.")] = 0,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects preprocessed in parallel.")] = 2,
     cohort_only: Annotated[bool, typer.Option("--cohort-only", help="Only build the simulated cohort.")] = False,
-    benchmark: Annotated[bool, typer.Option("--benchmark", help="Proxy quality benchmark: 18 subjects, longer "
+    benchmark: Annotated[bool, typer.Option("--benchmark", help="Proxy quality benchmark: 34 subjects, longer "
                                             "training, the GAN variant, and the transfer set (unseen real brains "
                                             "and 3T physics, where shared/data/highres or $SYNTH7T_HIGHRES "
                                             "exists); writes OUT/quality.json.")] = False,

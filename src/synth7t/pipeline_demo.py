@@ -4,10 +4,11 @@ cohort (simulated) -> preprocess (demo N4 preset, intensity mask, SyN at 1 mm) -
 -> evaluate held-out subjects (report) -> predict one raw held-out 3T scan in its native space.
 
 Every stage resumes: rerunning the command skips what is finished. ``benchmark=True`` is the proxy quality
-benchmark of ``benchmarks/quality.py``: a bigger cohort (18 subjects: 12 train, 1 validation, 4 test after QC
-rejects the motion-corrupted one), longer training, the GAN variant for the same budget, and a *transfer* set
-(:mod:`synth7t.transfer`: real high-resolution brains, test-only, degraded by 3T recipes outside the training
-ranges; skipped with a note where those brains are absent). It writes ``quality.json``.
+benchmark of ``benchmarks/quality.py``: a bigger cohort (34 subjects: 28 train, 1 validation, 4 test after QC
+rejects the motion-corrupted one; more draws of the 3T physics to learn from), longer training, the GAN variant
+for the same budget, and a *transfer* set (:mod:`synth7t.transfer`: real high-resolution brains, test-only,
+degraded by 3T recipes outside the training ranges; skipped with a note where those brains are absent). It writes
+``quality.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ DEMO_TRAIN = {"trainer.max_minutes": 6.0, "trainer.max_epochs": 200}
 BENCH_TRAIN = {"trainer.max_minutes": 10.0, "trainer.max_epochs": 200}
 GAN_OVERRIDES = {"critic": {"channels": 16, "n_layers": 3}, "loss.gan_weight": 0.2}
 N_TEST = {"demo": 2, "benchmark": 4}
+# The benchmark's cohort: 28 training subjects. With 12 (the 18-subject cohort it had before) the same 10-minute
+# training scored +0.83 dB over histmatch_population on the same 4 held-out subjects, with 28 +1.33 dB (the
+# noisiest 3T gained most): the model needs many draws of the 3T physics. 34 keeps `demo --benchmark` inside its
+# 45 minutes on 2 cores.
+BENCH_SUBJECTS = 34
 
 
 def run_demo(out: str | Path, *, n_subjects: int = 10, seed: int = 0, jobs: int = 2, cohort_only: bool = False,
@@ -32,7 +38,7 @@ def run_demo(out: str | Path, *, n_subjects: int = 10, seed: int = 0, jobs: int 
     out = Path(out)
     timings: dict[str, float] = {}
     if benchmark:
-        n_subjects = max(n_subjects, 18)
+        n_subjects = max(n_subjects, BENCH_SUBJECTS)
     if n_subjects < 8 and not cohort_only:
         raise Synth7tError(f"--subjects {n_subjects}: the whole chain needs at least 8 subjects")
     t = time.perf_counter()
