@@ -165,8 +165,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="a step budget per ablation variant instead of --minutes")
     p.add_argument("--variants", nargs="?", const="", default=None,
                    help="compare the issue 16 variants (optional comma list); with --ablation: ablation names")
+    from synth7t.pipeline_demo import BENCH_SUBJECTS
+
     p.add_argument("--subjects", type=int, default=18,
-                   help="demo cohort size of --ablation/--variants (the main benchmark uses 34)")
+                   help=f"demo cohort size of --ablation/--variants (the main benchmark uses {BENCH_SUBJECTS})")
     p.add_argument("--no-transfer", action="store_true", help="--variants: skip the transfer set (smoke runs)")
     args = p.parse_args()
     setup_logging(0)
