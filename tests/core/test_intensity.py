@@ -83,3 +83,20 @@ def test_standardize_input_is_one_path_for_every_method():
     assert np.array_equal(hm, standardize(stack, ref))
     with pytest.raises(ValueError, match="unknown input standardization"):
         standardize_input(stack, {"method": "zscore"})
+
+
+def test_float16_lookup_equals_standardize_on_every_float16_value():
+    """Training's table look-up (the store keeps float16) is exactly the map predict applies in float32."""
+    from synth7t.intensity import float16_lookup, quantile_table
+
+    rng = np.random.default_rng(2)
+    table = quantile_table(quantiles(rng.beta(2, 5, 5000)), quantiles(rng.uniform(0.1, 0.9, 5000)))
+    codes = np.arange(1 << 16, dtype=np.uint16)
+    values = codes.view(np.float16).astype(np.float32)  # every float16: 0, negatives, subnormals, inf, NaN
+    lookup = float16_lookup(table)
+    assert lookup.shape == (65536,) and lookup.dtype == np.float32
+    finite = np.isfinite(values)
+    assert np.array_equal(lookup[codes][finite], standardize(values[finite], table=table))
+    assert lookup[np.float16(np.inf).view(np.uint16)] == pytest.approx(table[1][-1])
+    assert np.all(lookup[np.isnan(values)] == 0) and np.all(lookup[values <= 0] == 0)
+    assert float16_lookup(None) is None

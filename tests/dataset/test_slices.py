@@ -134,3 +134,23 @@ def test_volume_slices_batches(tmp_path):
     assert np.array_equal(batches[0]["input"][0], stack[[0, 0, 1]].astype(np.float32))
     assert np.array_equal(batches[2]["input"][0], stack[[3, 4, 4]].astype(np.float32))
     assert batches[2]["context"][0].tolist() == pytest.approx([1.0, 1.0, 0, 1, 0, 0, (4 - 2) / 2.5])
+
+
+def test_standardized_sample_is_the_predictors_map(packed):
+    """A training sample's standardized input (float16 table look-up) equals standardize_input of its slices,
+    the function predict and evaluate apply to a whole stack."""
+    from synth7t.intensity import quantiles, standardization_table, standardize_input
+
+    _, store_dir = packed
+    store = SliceStore(store_dir)
+    rng = np.random.default_rng(3)
+    record = {"method": "histmatch", "reference_quantiles": quantiles(rng.beta(5, 2, 4000))}
+    ds = SliceDataset(store, "train", n_slices=3, standardize=record)
+    for i in (0, len(ds) // 2, len(ds) - 1):
+        item = ds[i]
+        name, z = item["subject"], item["slice"]
+        t3 = np.load(store_dir / name / "t3.npy").astype(np.float32)
+        table = standardization_table(record, store.brain_values(name, "t3"))
+        expected = standardize_input(t3[neighbour_indices(z, 3, t3.shape[0])], record, table=table)
+        assert item["input"].dtype == np.float32 and np.array_equal(item["input"], expected)
+        assert not np.array_equal(item["input"], t3[neighbour_indices(z, 3, t3.shape[0])])  # it did map

@@ -35,6 +35,7 @@ from synth7t.dataset.gmm import GMMFit
 from synth7t.dataset.pack import KINDS, PREDICT_SPLIT, SPLITS, read_store_meta
 from synth7t.errors import InputError
 from synth7t.intensity import (
+    float16_lookup,
     nyul_landmarks,
     nyul_standard,
     quantile_table,
@@ -238,6 +239,7 @@ class SliceDataset:
         self.standardize = standardization_record(standardize)
         self.match_target = bool(match_target)
         self._tables: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # per subject: its 3T input map
+        self._lookups: dict[str, np.ndarray | None] = {}  # per subject: its input map over the float16 values
         self._target_tables: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # per subject: its 7T -> 3T
         neighbour_indices(0, n_slices, 1)  # validates n_slices
         self.split = split
@@ -271,9 +273,14 @@ class SliceDataset:
         name, z = self.locate(index)
         t3 = self.store.array(name, "t3")  # (Z, H, W) memmap
         zs = neighbour_indices(z, self.n_slices, t3.shape[0])
-        x = np.asarray(t3[zs], dtype=np.float32)  # (S, H, W): reads S slices only
-        if self.standardize is not None:
-            x = standardize_input(x, self.standardize, table=self._input_table(name))
+        x = np.asarray(t3[zs])  # (S, H, W): reads S slices only
+        if self.standardize is not None and x.dtype == np.float16:  # the store's dtype: exact table look-up
+            lookup = self._input_lookup(name)
+            x = x.astype(np.float32) if lookup is None else lookup[x.view(np.uint16)]
+        elif self.standardize is not None:
+            x = standardize_input(x.astype(np.float32), self.standardize, table=self._input_table(name))
+        else:
+            x = x.astype(np.float32)
         sample = {
             "input": x,
             "mask": np.asarray(self.store.array(name, "mask")[z : z + 1], dtype=np.float32),  # (1, H, W)
@@ -297,6 +304,12 @@ class SliceDataset:
         if name not in self._tables:
             self._tables[name] = input_table(self.store, name, self.standardize)
         return self._tables[name]
+
+    def _input_lookup(self, name: str) -> np.ndarray | None:
+        """:func:`~synth7t.intensity.float16_lookup` of the subject's input map (256 KiB), built once per process."""
+        if name not in self._lookups:
+            self._lookups[name] = float16_lookup(self._input_table(name))
+        return self._lookups[name]
 
     def _target_table(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """Quantile map of the subject's 7T brain onto its 3T input brain as the network sees it (standardized
