@@ -128,7 +128,7 @@ def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int, step
         if steps:  # a step budget: rows stay comparable when other jobs share the machine
             budget = {"trainer.max_minutes": 20 * minutes, "trainer.max_steps": steps, "trainer.max_epochs": 200}
         model = train_model(store, folder, {**budget, **ABLATIONS[name]}, progress=True)
-        evaluate(model, store, folder / "report", segmentation="none", progress=True)
+        evaluate(model, store, folder / "report", segmentation="none", progress=True, tta=True)
         held = quality_table(folder / "report")
         transfer = transfer_scores(out / "transfer", model, store, jobs=jobs, segmentation="none", progress=True)
         params = json.loads((model / "config.json").read_text()).get("parameters")

@@ -87,7 +87,7 @@ def run_variant(name: str, out: Path, store: Path, budget: dict, *, jobs: int, t
     t = time.perf_counter()
     try:
         model = train_model(store, folder, overrides, progress=True, preset=preset)
-        evaluate(model, store, folder / "report", segmentation="none", progress=True)
+        evaluate(model, store, folder / "report", segmentation="none", progress=True, tta=True)
         held = set_scores(quality_table(folder / "report"))
         far = (set_scores(transfer_scores(out / "transfer", model, store, jobs=jobs, segmentation="none",
                                           progress=True)) if transfer else {"skipped": "--no-transfer"})

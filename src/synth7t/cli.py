@@ -389,6 +389,8 @@ def evaluate(
     reference: Annotated[Path | None, typer.Option(help="Slice store whose training split gives the population 7T "
                                                     "histogram of the histmatch_population baseline (default: "
                                                     "DATA's own).")] = None,
+    tta: Annotated[bool, typer.Option(help="Predict as `synth7t predict --tta` does: the mean of each stack's "
+                                      "prediction and of its left-right mirror's.")] = False,
 ) -> None:
     """Metrics (PSNR, SSIM, HFEN, DICE) of the model and of the baselines on held-out subjects.
 
@@ -398,7 +400,8 @@ def evaluate(
     """
     from synth7t.evaluation.evaluate import evaluate as evaluate_fn
 
-    index = evaluate_fn(model, data, out, split=split, segmentation=segmentation, device=device, reference=reference)
+    index = evaluate_fn(model, data, out, split=split, segmentation=segmentation, device=device, reference=reference,
+                        tta=tta)
     typer.echo(f"report: {index}")
 
 

@@ -63,3 +63,29 @@ def test_target_quantiles_follow_the_train_split(tiny_store):
     assert q.shape == QUANTILE_LEVELS.shape and np.all(np.diff(q) >= 0)
     assert 0 <= q[0] <= q[-1] <= 1  # clipped min-max units of the 7T
     assert store.target_quantiles("predict") is None  # no subject with a 7T there: the baseline is skipped
+
+
+def test_evaluate_tta_scores_the_flip_mean_prediction(tiny_model, tiny_store, tmp_path):
+    """--tta: the model's volume is the mean of the stack's prediction and its mirror's (as predict --tta);
+    the baselines are unchanged, and the report says which."""
+    from synth7t.dataset.slices import SliceStore
+    from synth7t.inference import Predictor
+
+    _, store = tiny_store
+    plain = evaluate(tiny_model, store, tmp_path / "plain", segmentation="none", progress=False)
+    flip = evaluate(tiny_model, store, tmp_path / "tta", segmentation="none", progress=False, tta=True)
+    assert "left-right flip" in flip.read_text() and "left-right flip" not in plain.read_text()
+    rows = {name: {(r["subject"], r["method"]): r for r in csv.DictReader((tmp_path / name / "metrics.csv").open())}
+            for name in ("plain", "tta")}
+    assert rows["plain"].keys() == rows["tta"].keys()
+    for key, row in rows["plain"].items():
+        same = row["psnr_brain"] == rows["tta"][key]["psnr_brain"]
+        assert same == (key[1] != "model"), key  # only the model's scores move
+    s = SliceStore(store).split_subjects("test")[0]
+    t3 = np.asarray(SliceStore(store).array(s, "t3"), np.float32)
+    predictor = Predictor(tiny_model, "cpu")
+    a, _ = predictor.predict_stack(t3)
+    b, _ = predictor.predict_stack(np.ascontiguousarray(t3[:, ::-1]))
+    mean, spread = predictor.predict_stack(t3, tta=True)
+    np.testing.assert_allclose(mean, (a + b[:, ::-1]) / 2, atol=1e-6)
+    assert spread is not None and float(spread.max()) > 0

@@ -193,8 +193,12 @@ def evaluate(
     progress: bool = True,
     extra_models: dict[str, Path] | None = None,
     reference: str | Path | None = None,
+    tta: bool = False,
 ) -> Path:
     """Evaluate ``model_dir`` on the ``split`` subjects of the store ``data``; returns ``OUT/index.html``.
+
+    ``tta``: every model predicts each stack as ``synth7t predict --tta`` does (the mean of the prediction of the
+    stack and of its left-right mirror image, mirrored back); the report says so.
 
     ``reference``: the slice store (or work folder holding one) whose *training split* defines the population
     7T histogram of the ``histmatch_population`` baseline; by default ``data`` itself. Give the model's training
@@ -233,7 +237,7 @@ def evaluate(
         stacks = {k: np.asarray(store.array(s, k), np.float32) for k in ("t3", "t7", "mask")}
         cov = {"age": info.get("age"), "sex": info.get("sex"), "group": info.get("group")}
         full = {k: uncrop(v, geom) for k, v in stacks.items()}
-        full["pred"] = _predict_full(predictor, stacks, cov, geom)
+        full["pred"] = _predict_full(predictor, stacks, cov, geom, tta)
         min_slice = int(info.get("min_slice", 0)) + geom.box[2][0]
         recs = evaluate_subject(
             s,
@@ -249,7 +253,7 @@ def evaluate(
         )
         for name, extra in extras.items():
             rec = {"subject": s, "method": name, "group": info.get("group")}
-            pred_extra = _predict_full(extra, stacks, cov, geom)
+            pred_extra = _predict_full(extra, stacks, cov, geom, tta)
             rec.update(compute_metrics(full["t7"], pred_extra, full["mask"] > 0, min_slice=min_slice))
             recs.append(rec)
         records += recs
@@ -266,17 +270,18 @@ def evaluate(
         "split": f"{split} ({len(subjects)} subjects)",
         "simulated": bool(cfg.get("training_data", {}).get("simulated") or store.meta.get("simulated")),
         "intensity units": "clipped min-max of each subject's real 7T (1st/99th brain percentiles)",
+        "test-time augmentation": "left-right flip, mean of 2 predictions" if tta else "none",
     }
     index = write_report(out, records, images, title="synth7t evaluation", extra_info=extra_info)
     log.info("report: %s", index)
     return index
 
 
-def _predict_full(predictor, stacks: dict, cov: dict, geom) -> np.ndarray:
+def _predict_full(predictor, stacks: dict, cov: dict, geom, tta: bool = False) -> np.ndarray:
     """A model's prediction of one subject's packed 3T stack, inside the brain, on the subject's full grid."""
     from synth7t.dataset.cropnorm import uncrop
 
-    pred, _ = predictor.predict_stack(stacks["t3"], **cov)
+    pred, _ = predictor.predict_stack(stacks["t3"], tta=tta, **cov)
     return uncrop((pred * (stacks["mask"] > 0)).astype(np.float32), geom)
 
 
