@@ -116,7 +116,7 @@ def prepare_cohort(out: Path, jobs: int, subjects: int = 18) -> Path:
 def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int, steps: int | None = None,
                  subjects: int = 18) -> dict:
     from synth7t.evaluation.evaluate import evaluate, quality_table
-    from synth7t.pipeline_demo import train_model, transfer_scores
+    from synth7t.pipeline_demo import SCORE_TTA, train_model, transfer_scores
 
     store = prepare_cohort(out, jobs, subjects)
     results = {}
@@ -128,7 +128,7 @@ def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int, step
         if steps:  # a step budget: rows stay comparable when other jobs share the machine
             budget = {"trainer.max_minutes": 20 * minutes, "trainer.max_steps": steps, "trainer.max_epochs": 200}
         model = train_model(store, folder, {**budget, **ABLATIONS[name]}, progress=True)
-        evaluate(model, store, folder / "report", segmentation="none", progress=True, tta=True)
+        evaluate(model, store, folder / "report", segmentation="none", progress=True, tta=SCORE_TTA)
         held = quality_table(folder / "report")
         transfer = transfer_scores(out / "transfer", model, store, jobs=jobs, segmentation="none", progress=True)
         params = json.loads((model / "config.json").read_text()).get("parameters")

@@ -77,7 +77,7 @@ def predict_seconds(model: Path, store: Path) -> float:
 def run_variant(name: str, out: Path, store: Path, budget: dict, *, jobs: int, transfer: bool) -> dict:
     """Train, evaluate and time one variant; ``{"status": "not available" | "failed", "reason": ...}`` otherwise."""
     from synth7t.evaluation.evaluate import evaluate, quality_table
-    from synth7t.pipeline_demo import train_model, transfer_scores
+    from synth7t.pipeline_demo import SCORE_TTA, train_model, transfer_scores
 
     try:
         preset, overrides = variant_config(name, budget)
@@ -87,7 +87,7 @@ def run_variant(name: str, out: Path, store: Path, budget: dict, *, jobs: int, t
     t = time.perf_counter()
     try:
         model = train_model(store, folder, overrides, progress=True, preset=preset)
-        evaluate(model, store, folder / "report", segmentation="none", progress=True, tta=True)
+        evaluate(model, store, folder / "report", segmentation="none", progress=True, tta=SCORE_TTA)
         held = set_scores(quality_table(folder / "report"))
         far = (set_scores(transfer_scores(out / "transfer", model, store, jobs=jobs, segmentation="none",
                                           progress=True)) if transfer else {"skipped": "--no-transfer"})
