@@ -7,6 +7,9 @@ configuration):
 * pack: seconds per subject and peak RSS;
 * samples/s of ``SliceDataset`` through a ``DataLoader`` (batch 4, shuffled) with 0 and 2 workers, without and
   with all augmentations (median of repeats);
+* samples/s with input standardization (``histmatch``, as ``tiny`` trains), 0 workers: the float16 table look-up
+  training uses against the reference it replaced, ``standardize_input`` per sample (``np.interp`` over the map's
+  knots, the path of commits before 6e7df54), measured in the same process after checking both give equal arrays;
 * peak RSS of the main process and of the workers, and the growth of anonymous memory over a full epoch
   (memmap pages are file-backed and not counted there);
 * reference: one training step (forward + backward + Adam) of the tiny U-net at batch 4 x 3 x 288 x 224
@@ -135,6 +138,24 @@ def _loader_rate(ds, workers: int, n_batches: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def _interp_dataset(slice_dataset):
+    """The reference of the standardized rows: ``SliceDataset`` standardizing each sample's input with
+    ``standardize_input`` (np.interp over the knots), as training did before the float16 look-up."""
+    from synth7t.intensity import standardize_input
+
+    class InterpSliceDataset(slice_dataset):
+        def raw(self, index: int) -> dict:
+            record, self.standardize = self.standardize, None
+            try:
+                sample = super().raw(index)
+            finally:
+                self.standardize = record
+            sample["input"] = standardize_input(sample["input"], record, table=self._input_table(sample["subject"]))
+            return sample
+
+    return InterpSliceDataset
+
+
 def child_load(store: str, n_batches: int, repeats: int) -> dict:
     import torch
 
@@ -155,6 +176,19 @@ def child_load(store: str, n_batches: int, repeats: int) -> dict:
     for label, ds in (("plain", plain), ("aug", aug)):
         for workers in (0, 2):
             out[f"{label}_w{workers}"] = _loader_rate(ds, workers, n_batches, repeats)
+    from synth7t.dataset.slices import SliceStore
+    from synth7t.intensity import quantiles
+
+    record = {"method": "histmatch", "reference_quantiles": quantiles(np.linspace(0.05, 0.95, 1000) ** 1.5)}
+    lookup = SliceDataset(store, "all", n_slices=3, standardize=record)
+    interp = _interp_dataset(SliceDataset)(store, "all", n_slices=3, standardize=record)
+    for s in SliceStore(store).split_subjects("all"):  # per-subject maps built before timing, in both
+        lookup._input_lookup(s), interp._input_table(s)
+    for i in range(0, len(lookup), max(1, len(lookup) // 20)):
+        if not np.array_equal(lookup[i]["input"], interp[i]["input"]):
+            raise RuntimeError(f"standardized sample {i}: the look-up and np.interp differ")
+    out["std_lookup_w0"] = _loader_rate(lookup, 0, n_batches, repeats)
+    out["std_interp_w0"] = _loader_rate(interp, 0, n_batches, repeats)
     out["peak_rss_mib"] = peak_rss_mib()
     out["worker_peak_rss_mib"] = workers_peak_rss_mib()
     return out
@@ -306,6 +340,11 @@ def report(rows, trains, full, args) -> None:
             f"{ld['peak_rss_mib']:>8.0f} {ld['worker_peak_rss_mib']:>7.0f} {ld['epoch_anon_growth_mib']:>11.1f}"
         )
     print("(RSS in MiB; 'epoch dAnon' = growth of anonymous memory over one full epoch with 0 workers)")
+    print("\ninput standardization (histmatch), 0 workers, samples/s: float16 look-up vs np.interp per sample "
+          "(reference: the path before 6e7df54; same arrays, checked)")
+    for n, _, ld in rows:
+        print(f"{n:>8} subjects: look-up {ld['std_lookup_w0']:.0f}, np.interp {ld['std_interp_w0']:.0f}: "
+              f"{ld['std_lookup_w0'] / ld['std_interp_w0']:.2f}x")
     if full:
         print(
             f"full-size subject {FULL_SHAPE}: pack {full['s_per_subject']:.1f} s, peak RSS "
