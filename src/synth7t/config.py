@@ -83,6 +83,10 @@ class OptimConfig(_Strict):
     ``schedule``: ``plateau`` (ReduceLROnPlateau stepped once per epoch on the epoch's mean training loss, as the
     thesis did: multiply by ``factor`` after ``patience`` epochs without improvement), ``step`` (multiply by
     ``factor`` every ``every_steps`` optimizer steps), ``epoch`` (multiply by ``factor`` each epoch) or ``none``.
+
+    ``ema_decay``: keep an exponential moving average of the generator's weights, updated after every generator
+    step (``ema = decay * ema + (1 - decay) * weights``; the first step copies the weights); validation, the best
+    checkpoint and the model folder then use the averaged weights. None (the thesis): no average.
     """
 
     lr: float = Field(1e-4, gt=0)
@@ -93,6 +97,7 @@ class OptimConfig(_Strict):
     every_steps: int = Field(200, ge=1)
     patience: int = Field(5, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
 
 class LossConfig(_Strict):

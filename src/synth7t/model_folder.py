@@ -37,13 +37,18 @@ def sha256_file(path: Path) -> str:
 
 
 def generator_state(module_or_ckpt: Any) -> dict[str, torch.Tensor]:
-    """The generator's weights, from a module or a checkpoint file (loaded with ``weights_only=True``)."""
+    """The generator's weights, from a module or a checkpoint file (loaded with ``weights_only=True``).
+
+    Where training kept a moving average of the weights (``optim.ema_decay``) and it has had a step, the average
+    (``ema.module.*``): the weights that were validated."""
     if isinstance(module_or_ckpt, (str, Path)):
         ckpt = torch.load(module_or_ckpt, map_location="cpu", weights_only=True)
         sd = ckpt["state_dict"]
     else:
         sd = module_or_ckpt.state_dict()
-    return {k[len("generator."):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith("generator.")}
+    averaged = "ema.n_averaged" in sd and int(sd["ema.n_averaged"]) > 0
+    prefix = "ema.module." if averaged else "generator."
+    return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith(prefix)}
 
 
 def save_model_folder(out: Path, state: dict[str, torch.Tensor], config: dict, metrics: dict, card: str) -> Path:

@@ -93,7 +93,60 @@ def test_gan_variant_logs_wasserstein_and_gp(tiny_store, tmp_path, fast_training
     logged = next((out / "logs" / "csv").glob("version_*/metrics.csv")).read_text().splitlines()[0]
     for col in ("train/wasserstein", "train/gp", "train/critic_loss", "train/adversarial"):
         assert col in logged
+    # a moving average of the weights is updated at generator steps only: 6 batches, a generator step every 2nd
+    ema = train(store, tmp_path / "gan_ema", preset="tiny", overrides={**over, "optim.ema_decay": 0.9}, progress=False)
+    state = torch.load(ema / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert int(state["ema.n_averaged"]) == 3
     assert json.loads((out / "config.json").read_text())["gan"] is True
+
+
+class _RecordWeights(pl.Callback):
+    """The generator's weights after every optimizer step, by global step (callbacks run after the step)."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def on_train_batch_end(self, trainer, module, *args):
+        self.by_step[trainer.global_step] = {k: v.detach().clone() for k, v in module.generator.state_dict().items()}
+
+
+def test_ema_weights_are_the_moving_average_of_the_steps(tiny_store, tmp_path, fast_training):
+    """optim.ema_decay: the model folder holds ema_k = d ema_(k-1) + (1 - d) w_k (ema_1 = w_1), computed here by
+    hand from the weights after each step, of the step its metrics name (final, or the best checkpoint's)."""
+    _, store = tiny_store
+    rec, d = _RecordWeights(), 0.6
+    out = train(store, tmp_path / "ema", preset="tiny", overrides={**fast_training, "optim.ema_decay": d},
+                progress=False, extra_callbacks=[rec])
+    steps = sorted(rec.by_step)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 6
+    ema, by_hand = None, {}
+    for s in steps:
+        w = rec.by_step[s]
+        ema = dict(w) if ema is None else {k: d * ema[k] + (1 - d) * w[k] for k in w}
+        by_hand[s] = ema
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weights_average"] == "EMA 0.6"
+    step = metrics["steps"] if metrics["weights"] == "final" else torch.load(
+        out / "checkpoints" / "best.ckpt", weights_only=True)["global_step"]
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved.keys() == by_hand[step].keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], by_hand[step][k], rtol=1e-5, atol=1e-6)
+    raw = rec.by_step[step]
+    assert max(float((saved[k] - raw[k]).abs().max()) for k in saved) > 1e-4  # not the last step's weights
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(ckpt["state_dict"]["ema.n_averaged"]) == steps[-1]  # the average is checkpointed, for resuming
+    assert "moving average (decay 0.6)" in (out / "model_card.md").read_text()
+
+
+def test_ema_decay_is_checked():
+    from synth7t.config import load_config
+    from synth7t.errors import ConfigError
+
+    assert load_config("tiny", {"optim.ema_decay": 0.99}).optim.ema_decay == 0.99
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="ema_decay"):
+            load_config("tiny", {"optim.ema_decay": bad})
 
 
 def test_ssim_map_of_identical_images_is_one():

@@ -23,7 +23,8 @@ def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elap
     state = generator_state(weights_from) if weights_from else generator_state(module)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(epochs=int(trainer.current_epoch), steps=int(trainer.global_step), train_seconds=round(elapsed, 1),
-                   weights="best" if weights_from else "final")
+                   weights="best" if weights_from else "final",
+                   weights_average=f"EMA {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay else "none")
     config = model_config(cfg, store, module)
     config["training_data"].update(data_notes)
     config["init_from"] = init_from  # None: trained from random weights; else the source model's sha256
@@ -122,7 +123,8 @@ def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
         f"- Loss: L1 + {cfg.loss.perceptual_weight:g} x perceptual ({d['perceptual']}).\n"
         f"- Training data: {t['n_train']} training / {t['n_val']} validation / {t['n_test']} test subjects.{sim}\n"
         f"- Training: {metrics.get('epochs', '?')} epochs, {metrics.get('steps', '?')} steps, "
-        f"{metrics.get('train_seconds', '?')} s.{_init_line(d.get('init_from'))}\n- Validation: {val}.\n\n"
+        f"{metrics.get('train_seconds', '?')} s.{_init_line(d.get('init_from'))}{_average_line(cfg)}\n"
+        f"- Validation: {val}.\n\n"
         "## Intended use\nResearch on brain MRI: producing 7T-like images from 3T scans for visualisation and for\n"
         "downstream analyses whose sensitivity to synthetic data has been checked. Outputs are estimates learnt\n"
         "from paired data; they can miss or invent detail, especially for anatomy unlike the training cohort\n"
@@ -135,6 +137,12 @@ def _architecture_name(cfg: TrainConfig) -> str:
         p = cfg.data.patch3d
         return f"3-D residual U-net (MONAI UNet) trained on {p}x{p}x{p} patches, predicting by sliding window"
     return f"2.5D attention residual U-net, {cfg.model.in_slices} input slices"
+
+
+def _average_line(cfg: TrainConfig) -> str:
+    if not cfg.optim.ema_decay:
+        return ""
+    return f" Weights: exponential moving average (decay {cfg.optim.ema_decay:g}) of the training steps."
 
 
 def _init_line(init_from: dict | None) -> str:

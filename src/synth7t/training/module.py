@@ -83,6 +83,7 @@ class Synth7tModule(pl.LightningModule):
 
             self.critic = PatchCritic(self.cfg.critic)
             self.automatic_optimization = False
+        self.ema = build_ema(self.generator, self.cfg.optim.ema_decay)  # None without optim.ema_decay
         self.perceptual = None  # built in setup(): frozen, not part of the state dict
         self._val = []
         self._channels_last = False  # decided in on_fit_start (use_channels_last)
@@ -103,10 +104,27 @@ class Synth7tModule(pl.LightningModule):
         return super().load_state_dict(state_dict, strict=False, **kwargs)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                offset: torch.Tensor | None = None) -> torch.Tensor:
+                offset: torch.Tensor | None = None, net: torch.nn.Module | None = None) -> torch.Tensor:
         if self._channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.generator(x, context, offset)
+        return (net or self.generator)(x, context, offset)
+
+    def evaluated_generator(self) -> torch.nn.Module:
+        """The network validated and saved: the weights' moving average once it has had a step, else the
+        generator itself."""
+        if self.ema is not None and int(self.ema.n_averaged) > 0:
+            return self.ema.module
+        return self.generator
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the moving average's update, both inside the batch (before any callback's
+        ``on_train_batch_end``, so a checkpoint written there holds the average of the same steps)."""
+        super().optimizer_step(*args, **kwargs)
+        self._update_ema()
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.generator)
 
     def on_fit_start(self) -> None:
         """Lay the 2.5D U-net out channels-last where ``trainer.channels_last`` asks for it (see
@@ -115,6 +133,8 @@ class Synth7tModule(pl.LightningModule):
         self._channels_last = use_channels_last(self.cfg, self.device, self.trainer.world_size)
         if self._channels_last:
             self.generator.to(memory_format=torch.channels_last)
+            if self.ema is not None:
+                self.ema.module.to(memory_format=torch.channels_last)
 
     def synthesis_loss(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """L1 + lambda_perc * perceptual (thesis 2.1.6) by :class:`~synth7t.nn.losses.SynthesisLoss`, keyed for
@@ -169,6 +189,7 @@ class Synth7tModule(pl.LightningModule):
                 if clip else None, offset=offset,
             )
             self._add_epoch_loss(parts["loss"])
+            self._update_ema()
             if self.cfg.optim.schedule == "step":
                 self._scheduler().step()
             logs.update({f"train/{k}": v.detach() for k, v in parts.items()})
@@ -230,7 +251,8 @@ class Synth7tModule(pl.LightningModule):
 
     # -- validation --------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        pred = axial_slices(self(batch["input"], batch.get("context")).float().clamp(0, 1))
+        pred = self(batch["input"], batch.get("context"), net=self.evaluated_generator())
+        pred = axial_slices(pred.float().clamp(0, 1))
         target, mask = axial_slices(batch["target"].float()), axial_slices(batch["mask"].float())
         se = ((pred - target) ** 2 * mask).sum()
         ssim = (ssim_map(pred, target) * mask).sum()
@@ -271,6 +293,20 @@ class Synth7tModule(pl.LightningModule):
         opt_d = torch.optim.Adam(self.critic.parameters(), lr=self.cfg.loss.critic_lr,
                                  betas=self.cfg.loss.critic_betas)
         return ([opt_g, opt_d], [sched] if sched is not None else [])
+
+
+def build_ema(generator: torch.nn.Module, decay: float | None):
+    """An exponential moving average of ``generator``'s weights (``optim.ema_decay``; None: no average).
+
+    torch's :class:`~torch.optim.swa_utils.AveragedModel` (its first update copies the weights); frozen, so that
+    neither the optimizer nor DDP sees its parameters. It is a submodule of the LightningModule, so checkpoints
+    hold it (``ema.module.*`` and ``ema.n_averaged``) and a resumed run continues the same average."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return ema.requires_grad_(False)
 
 
 CHANNELS_LAST_MIN_WIDTH = 64
