@@ -202,7 +202,8 @@ def _recorded_init(out: Path) -> dict | None:
 
 
 def _final_validation(trainer, module, val_loader, best) -> str | None:
-    """Validate the final weights, and the best checkpoint's if it scored higher; keep the better ones.
+    """Validate the final weights, and the best checkpoint's if it scored higher; keep the better ones. With
+    ``optim.ema_decay`` both are the moving average's weights (:meth:`Synth7tModule.evaluated_generator`).
 
     Returns the checkpoint to take the weights from (None: the module's final weights). Afterwards
     ``trainer.callback_metrics`` holds the validation metrics of the weights kept. Under DDP every rank must
