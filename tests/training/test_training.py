@@ -93,11 +93,11 @@ def test_gan_variant_logs_wasserstein_and_gp(tiny_store, tmp_path, fast_training
     logged = next((out / "logs" / "csv").glob("version_*/metrics.csv")).read_text().splitlines()[0]
     for col in ("train/wasserstein", "train/gp", "train/critic_loss", "train/adversarial"):
         assert col in logged
+    assert json.loads((out / "config.json").read_text())["gan"] is True
     # a moving average of the weights is updated at generator steps only: 6 batches, a generator step every 2nd
     ema = train(store, tmp_path / "gan_ema", preset="tiny", overrides={**over, "optim.ema_decay": 0.9}, progress=False)
     state = torch.load(ema / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert int(state["ema.n_averaged"]) == 3
-    assert json.loads((out / "config.json").read_text())["gan"] is True
 
 
 class _RecordWeights(pl.Callback):

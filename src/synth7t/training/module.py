@@ -107,7 +107,7 @@ class Synth7tModule(pl.LightningModule):
                 offset: torch.Tensor | None = None, net: torch.nn.Module | None = None) -> torch.Tensor:
         if self._channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (net or self.generator)(x, context, offset)
+        return (self.generator if net is None else net)(x, context, offset)
 
     def evaluated_generator(self) -> torch.nn.Module:
         """The network validated and saved: the weights' moving average once it has had a step, else the
