@@ -27,6 +27,7 @@ MAX_AUTO_WORKERS = 4
 
 
 def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a SLURM job's CPU set, taskset), not the machine's."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

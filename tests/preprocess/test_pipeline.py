@@ -190,3 +190,15 @@ def test_summary_reports_slices_cut_per_subject(tmp_path, caplog):
     lines = {s: next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{s} -> "))
              for s in ("drop", "clean")}
     assert "for drop-out" in lines["drop"] and "no slice cut" in lines["clean"]
+
+
+def test_threads_follow_the_usable_cores_not_the_machine(tmp_path, caplog, monkeypatch):
+    """On a shared node (a SLURM job's CPU set, taskset) the jobs share the cores this process may use, not
+    os.cpu_count(): 6 usable cores of 64, 2 jobs -> 3 threads each (was 32 each)."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    with caplog.at_level("INFO", logger="synth7t.preprocess.pipeline"):
+        preprocess([], tmp_path / "work", pseudonym_key=KEY, **{**FAST, "jobs": 2})
+    assert any("(jobs 2, 3 thread(s) each" in r.getMessage() for r in caplog.records), caplog.text

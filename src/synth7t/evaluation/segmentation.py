@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 
 from synth7t.errors import Synth7tError
 from synth7t.io import Volume, load_volume, save_volume
+from synth7t.prefetch import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def segment_synthseg(vol: Volume, *, threads: int | None = None) -> np.ndarray:
             "--keepgeom",
             "--cpu",
             "--threads",
-            str(threads or os.cpu_count() or 1),
+            str(threads or usable_cores()),
         ]
         log.info("running %s", " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from synth7t.errors import ConfigError, InputError, Synth7tError
 from synth7t.io import Volume, load_canonical, read_json, save_volume, write_json
 from synth7t.manifest import Subject, load_cohort
+from synth7t.prefetch import usable_cores
 from synth7t.preprocess import anonymize, qc
 from synth7t.preprocess.bias import N4Params, n4, n4_preset
 from synth7t.preprocess.register import apply_transforms, masked_ncc, register, resample_to, set_threads
@@ -486,7 +487,9 @@ def preprocess(manifest_or_subjects: str | os.PathLike | list[Subject], out: str
                                 work=work)
     result = PreprocessResult(pseudonyms=dict(names), work=work)
     h = cfg.params_hash()
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    # the cores this process may use (a SLURM job's or taskset's CPU set), not the machine's: sizing from
+    # os.cpu_count() oversubscribed a node shared with other jobs
+    threads = max(1, usable_cores() // cfg.jobs)
     log.info("preprocessing %d subject(s) into %s (jobs %d, %d thread(s) each, params %s)", len(units),
              work, cfg.jobs, threads, h)
 
