@@ -6,9 +6,9 @@ cohort (simulated) -> preprocess (demo N4 preset, intensity mask, SyN at 1 mm) -
 Every stage resumes: rerunning the command skips what is finished. ``benchmark=True`` is the proxy quality
 benchmark of ``benchmarks/quality.py``: a bigger cohort (34 subjects: 28 train, 1 validation, 4 test after QC
 rejects the motion-corrupted one; more draws of the 3T physics to learn from), longer training, the GAN variant
-for the same budget, and a *transfer* set (:mod:`synth7t.transfer`: real high-resolution brains, test-only,
-degraded by 3T recipes outside the training ranges; skipped with a note where those brains are absent). It writes
-``quality.json``.
+(an adversarial fine-tune of the U-net), and a *transfer* set (:mod:`synth7t.transfer`: real high-resolution
+brains, test-only, degraded by 3T recipes outside the training ranges; skipped with a note where those brains are
+absent). It writes ``quality.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 DEMO_TRAIN = {"trainer.max_minutes": 6.0, "trainer.max_epochs": 200}
 BENCH_TRAIN = {"trainer.max_minutes": 10.0, "trainer.max_epochs": 200}
 GAN_OVERRIDES = {"critic": {"channels": 16, "n_layers": 3}, "loss.gan_weight": 0.2}
+# The benchmark's GAN variant fine-tunes the benchmark's U-net adversarially (its weights as the start, a fresh
+# critic, a twentieth of tiny's starting learning rate) for 5 minutes. It was 10 minutes from random weights: on a
+# machine with half the matmul throughput of the one the 45-minute budget was sized on (AMD EPYC, 2 cores,
+# ~400 bf16 GFLOP/s) that made `demo --benchmark` 47.5 minutes, and the GAN's generator, updated at every 5th
+# batch, saw ~250 updates from scratch.
+BENCH_GAN_TRAIN = {"trainer.max_minutes": 5.0, "optim.lr": 1.0e-4}
 N_TEST = {"demo": 2, "benchmark": 4}
 # The demo, the benchmark and its ablation/variant rows score their models as the demo predicts the raw scan
 # (`synth7t predict --tta`): on the 5796322 benchmark store the flip mean added +0.14 dB held-out brain PSNR
@@ -68,7 +74,8 @@ def run_demo(out: str | Path, *, n_subjects: int = 10, seed: int = 0, jobs: int 
     extras = {}
     if benchmark:
         t = time.perf_counter()
-        extras["gan"] = train_model(store, out / "model_gan", {**overrides, **GAN_OVERRIDES}, progress)
+        extras["gan"] = train_model(store, out / "model_gan", {**overrides, **GAN_OVERRIDES, **BENCH_GAN_TRAIN},
+                                    progress, init=model)
         results["model_gan"] = extras["gan"]
         timings["train_gan"] = time.perf_counter() - t
 
@@ -148,13 +155,18 @@ def simulated_cohort_key(seed: int) -> bytes:
     return hashlib.sha256(f"synth7t simulated cohort, seed {int(seed)}".encode()).digest()
 
 
-def train_model(store: Path, folder: Path, overrides: dict, progress: bool, preset: str = "tiny") -> Path:
-    """Train ``preset`` with ``overrides`` into ``folder`` (resuming a killed run; skipping a done one)."""
+def train_model(store: Path, folder: Path, overrides: dict, progress: bool, preset: str = "tiny",
+                init: Path | None = None) -> Path:
+    """Train ``preset`` with ``overrides`` into ``folder`` (resuming a killed run; skipping a done one); ``init``:
+    start from that model folder's weights (fine-tune)."""
     from synth7t.training import train
 
     if not (folder / "model.safetensors").exists():
-        train(store, folder, preset=preset, overrides=overrides, resume=(folder / "train_config.json").exists(),
-              progress=progress, data_notes={"simulated": True})
+        resume = (folder / "train_config.json").exists()
+        if init is not None and not (folder / "checkpoints" / "last.ckpt").exists():
+            resume = False  # a fine-tune killed before its first checkpoint starts again from ``init``
+        train(store, folder, preset=preset, overrides=overrides, resume=resume, progress=progress,
+              data_notes={"simulated": True}, init=None if resume else init)
     return folder
 
 
