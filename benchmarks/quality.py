@@ -2,7 +2,8 @@
 
 Builds the demo cohort with a fixed seed (34 subjects: 28 train, 1 validation, 4 held-out test after QC rejects
 the motion-corrupted one; 3T physics drawn per subject from the ranges of ``synth7t.demo.DemoSpec``),
-preprocesses, packs, trains the ``tiny`` preset and its WGAN-GP variant for the same fixed budget, and evaluates
+preprocesses, packs, trains the ``tiny`` preset for 10 minutes and its WGAN-GP variant (a 5-minute adversarial
+fine-tune of it), and evaluates
 
 * the 4 held-out demo subjects, and
 * the *transfer set* (``synth7t.transfer``): two real high-resolution brains that nothing trains on (MNI152 at

@@ -21,8 +21,9 @@ import json
 import time
 from pathlib import Path
 
-# name -> (preset, overrides); "gan_residual" is the benchmark's GAN variant (pipeline_demo.GAN_OVERRIDES) with the
-# residual critic of thesis 5.2, merged in at run time
+# name -> (preset, overrides); "gan_residual" is the benchmark's GAN settings (pipeline_demo.GAN_OVERRIDES) with the
+# residual critic of thesis 5.2, merged in at run time, trained from random weights for the variants' budget (the
+# benchmark's own GAN fine-tunes its U-net instead: pipeline_demo.BENCH_GAN_TRAIN)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "tiny": ("tiny", {}),
     "wavelet": ("tiny", {"model.wavelet": True}),
