@@ -165,8 +165,9 @@ def train_model(store: Path, folder: Path, overrides: dict, progress: bool, pres
         resume = (folder / "train_config.json").exists()
         if init is not None and not (folder / "checkpoints" / "last.ckpt").exists():
             resume = False  # a fine-tune killed before its first checkpoint starts again from ``init``
-        train(store, folder, preset=preset, overrides=overrides, resume=resume, progress=progress,
-              data_notes={"simulated": True}, init=None if resume else init)
+        # a resumed run continues its saved configuration (train refuses overrides beside resume)
+        train(store, folder, preset=preset, overrides=None if resume else overrides, resume=resume,
+              progress=progress, data_notes={"simulated": True}, init=None if resume else init)
     return folder
 
 

@@ -98,3 +98,33 @@ def test_init_with_resume_is_refused(tiny_model, tiny_store, tmp_path):
                                    "--resume"])
     assert res.exit_code != 0 and "drop --init" in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_fine_tune_restarts_from_init_or_resumes_its_checkpoint(tiny_model, tiny_store, tmp_path):
+    """``synth7t demo --benchmark``'s GAN fine-tune (pipeline_demo.train_model with init): killed before its first
+    checkpoint it starts again from the source (train_config.json alone does not mean "resume", which would be
+    refused); killed after one it resumes, with the saved configuration (the demo passes its overrides every time:
+    before the fix, any killed demo training failed to resume with "--set overrides are not allowed"); both record
+    the source's sha256."""
+    import shutil
+
+    from synth7t.pipeline_demo import train_model
+
+    over = {"loss.perceptual": "none", "trainer.max_epochs": 1, "trainer.max_steps": 2,
+            "trainer.limit_train_batches": 2, "trainer.log_every_n_steps": 1, "data.batch_size": 4, "data.patch": 16,
+            "trainer.checkpoint_every_steps": 1}
+    out = tmp_path / "gan"
+    sha = _sha(tiny_model / "model.safetensors")
+    train_model(tiny_store[1], out, over, False, init=tiny_model)
+    assert json.loads((out / "config.json").read_text())["init_from"]["sha256"] == sha
+    # killed before its first checkpoint: only the run's configuration is there
+    (out / "model.safetensors").unlink()
+    shutil.rmtree(out / "checkpoints")
+    assert (out / "train_config.json").exists()
+    train_model(tiny_store[1], out, over, False, init=tiny_model)
+    assert json.loads((out / "config.json").read_text())["init_from"]["sha256"] == sha
+    # killed after a checkpoint: resumed (from the checkpoint, not from the source again)
+    (out / "model.safetensors").unlink()
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    train_model(tiny_store[1], out, over, False, init=tiny_model)
+    assert verify_model_folder(out)["init_from"]["sha256"] == sha
