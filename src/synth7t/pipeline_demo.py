@@ -159,11 +159,11 @@ def train_model(store: Path, folder: Path, overrides: dict, progress: bool, pres
                 init: Path | None = None) -> Path:
     """Train ``preset`` with ``overrides`` into ``folder`` (resuming a killed run; skipping a done one); ``init``:
     start from that model folder's weights (fine-tune)."""
-    from synth7t.training import train
+    from synth7t.training import last_checkpoint, train
 
     if not (folder / "model.safetensors").exists():
         resume = (folder / "train_config.json").exists()
-        if init is not None and not (folder / "checkpoints" / "last.ckpt").exists():
+        if init is not None and not last_checkpoint(folder).exists():
             resume = False  # a fine-tune killed before its first checkpoint starts again from ``init``
         # a resumed run continues its saved configuration (train refuses overrides beside resume)
         train(store, folder, preset=preset, overrides=None if resume else overrides, resume=resume,

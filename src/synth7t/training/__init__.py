@@ -42,7 +42,7 @@ from synth7t.training.data import (
     random_patch,
 )
 from synth7t.training.distributed import RANK_VARIABLES, is_global_zero, launched_as_rank_zero
-from synth7t.training.fit import config_for_init, train
+from synth7t.training.fit import config_for_init, last_checkpoint, train
 from synth7t.training.gan import critic_update, generator_update
 
 _LIGHTNING = ("RESUME_KEY", "Synth7tModule", "gaussian_window", "make_scheduler", "rng_state", "set_rng_state",
@@ -67,6 +67,7 @@ __all__ = [
     "critic_update",
     "generator_update",
     "input_standardization",
+    "last_checkpoint",
     "is_global_zero",
     "launched_as_rank_zero",
     "make_loaders",

@@ -132,7 +132,7 @@ def train(
     module = Synth7tModule(cfg.model_dump(mode="json"))
     if init_state is not None:
         module.generator.load_state_dict(init_state)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = last_checkpoint(out).parent
     monitor = {"monitor": "val/psnr_brain", "mode": "max"} if val_loader is not None else {}
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", save_top_k=1 if monitor else 0, **monitor)
     # last.ckpt (for resuming) is refreshed at every epoch end and every `checkpoint_every_steps` steps
@@ -159,7 +159,7 @@ def train(
     if train_loader.sampler.n < trainer.world_size:  # every rank's share of an epoch would be empty
         raise InputError(f"{store_obj.root}: the train split has {train_loader.sampler.n} slices, fewer than the "
                          f"{trainer.world_size} DDP processes")
-    ckpt_path = _resume_checkpoint(ckpt_dir, resume, clean=first)
+    ckpt_path = _resume_checkpoint(out, resume, clean=first)
     if resume and ckpt_path is None and init_from is not None:
         raise InputError(f"{out}: this fine-tuning run has no checkpoint yet; start it again with --init (no --resume)")
     t0 = time.perf_counter()
@@ -220,6 +220,11 @@ def _final_validation(trainer, module, val_loader, best) -> str | None:
     return best.best_model_path
 
 
+def last_checkpoint(out: Path) -> Path:
+    """Where a run in the folder ``out`` keeps the checkpoint ``--resume`` continues from."""
+    return Path(out) / "checkpoints" / "last.ckpt"
+
+
 def _resolve_config(out: Path, preset, overrides, config, resume: bool) -> TrainConfig:
     saved = out / "train_config.json"
     if resume:
@@ -228,7 +233,7 @@ def _resolve_config(out: Path, preset, overrides, config, resume: bool) -> Train
         if overrides:
             raise ConfigError("--resume continues the saved configuration; --set overrides are not allowed with it")
         return validate_config(read_json(saved), source=str(saved))
-    if (out / "checkpoints" / "last.ckpt").exists():
+    if last_checkpoint(out).exists():
         raise InputError(f"{out}: holds a run already; use --resume to continue it or choose another --out")
     return config if config is not None else load_config(preset, overrides)
 
@@ -264,14 +269,14 @@ def _checkpoint_classes():
     return StepCheckpoint, AtomicCheckpointIO
 
 
-def _resume_checkpoint(ckpt_dir: Path, resume: bool, clean: bool = True) -> str | None:
+def _resume_checkpoint(out: Path, resume: bool, clean: bool = True) -> str | None:
     if not resume:
         return None
-    for stale in ckpt_dir.glob(".*.tmp*") if clean else ():  # what a run killed while writing a checkpoint left
+    last = last_checkpoint(out)
+    for stale in last.parent.glob(".*.tmp*") if clean else ():  # what a run killed while writing a checkpoint left
         stale.unlink(missing_ok=True)
-    last = ckpt_dir / "last.ckpt"
     if not last.exists():
-        log.warning("%s: no checkpoint yet; starting from the beginning", ckpt_dir)
+        log.warning("%s: no checkpoint yet; starting from the beginning", last.parent)
         return None
     return str(last)
 
