@@ -82,7 +82,11 @@ class OptimConfig(_Strict):
 
     ``schedule``: ``plateau`` (ReduceLROnPlateau stepped once per epoch on the epoch's mean training loss, as the
     thesis did: multiply by ``factor`` after ``patience`` epochs without improvement), ``step`` (multiply by
-    ``factor`` every ``every_steps`` optimizer steps), ``epoch`` (multiply by ``factor`` each epoch) or ``none``.
+    ``factor`` every ``every_steps`` optimizer steps), ``epoch`` (multiply by ``factor`` each epoch), ``budget``
+    (anneal continuously from ``lr`` to ``lr * factor`` over the run's budget: the rate is ``lr * factor ** p``
+    after every optimizer step, ``p`` the fraction of the budget spent, the largest of elapsed / ``max_minutes``,
+    steps / ``max_steps`` and epochs / ``max_epochs`` of those set; so a slower machine, which takes fewer steps in
+    the same minutes, still ends its run at the same low rate) or ``none``.
 
     ``ema_decay``: keep an exponential moving average of the generator's weights, updated after every generator
     step (``ema = decay * ema + (1 - decay) * weights``; the first step copies the weights); validation, the best
@@ -92,7 +96,7 @@ class OptimConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["plateau", "step", "epoch", "none"] = "plateau"
+    schedule: Literal["plateau", "step", "epoch", "budget", "none"] = "plateau"
     factor: float = Field(0.1, gt=0, le=1)
     every_steps: int = Field(200, ge=1)
     patience: int = Field(5, ge=0)

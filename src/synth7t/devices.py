@@ -21,12 +21,29 @@ def resolve_accelerator(device: str) -> str:
     return "cuda" if device == "gpu" else device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX): there bf16 GEMMs run at about
+    twice the fp32 rate; elsewhere oneDNN emulates them, slower than fp32. ``SYNTH7T_CPU_BF16=0`` (or ``1``)
+    overrides the detection."""
+    import os
+
+    forced = os.environ.get("SYNTH7T_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume emulation
+        return False
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """Lightning's precision for training. ``auto``: bf16 mixed precision on a GPU that supports it, fp32
-    elsewhere."""
+    """Lightning's precision for training. ``auto``: bf16 mixed precision on a GPU that supports it and on a CPU
+    with native bf16 (:func:`cpu_has_native_bf16`), fp32 elsewhere."""
     if precision != "auto":
         return "32-true" if precision == "32" else precision
     if accelerator == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    if accelerator == "cpu" and cpu_has_native_bf16():
         return "bf16-mixed"
     return "32-true"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from synth7t.config import PRESETS, load_config
 from synth7t.errors import ConfigError
@@ -138,3 +139,19 @@ def test_random_patch_offsets_are_aligned_and_locate_the_crop():
         assert (y0, x0) == (py - py % 8, px - px % 8)
     with pytest.raises(ConfigError, match="multiples of it"):
         random_patch(sample, 12, np.random.default_rng(0), align=8)
+
+
+def test_auto_precision_is_bf16_where_the_hardware_multiplies_bf16(monkeypatch):
+    """``trainer.precision: auto`` (the presets' value): bf16 mixed precision on a CPU with native bf16 (AVX512-BF16
+    or AMX, or SYNTH7T_CPU_BF16=1), fp32 on one that would emulate it; explicit values are passed through."""
+    from synth7t.devices import cpu_has_native_bf16, resolve_precision
+
+    monkeypatch.setenv("SYNTH7T_CPU_BF16", "1")
+    assert cpu_has_native_bf16() and resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setenv("SYNTH7T_CPU_BF16", "0")
+    assert not cpu_has_native_bf16() and resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("32", "cpu") == "32-true" and resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    monkeypatch.delenv("SYNTH7T_CPU_BF16")
+    flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_has_native_bf16() == flags
+    assert load_config("tiny").trainer.precision == "auto" and load_config("tiny3d").trainer.precision == "32"

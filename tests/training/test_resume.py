@@ -108,6 +108,8 @@ RESUMABLE = {"trainer.max_epochs": 3, "trainer.limit_train_batches": 4, "trainer
              "trainer.val_every_n_epochs": 1, "trainer.threads": 1, "model.dropout": 0.1}
 VARIANTS = {
     "unet-plateau": {"optim.schedule": "plateau", "optim.patience": 0, "optim.factor": 0.5},
+    # the rate follows the restored position; bf16 autocast on CPU (tiny's `auto` on a CPU with native bf16)
+    "unet-budget-bf16": {"optim.schedule": "budget", "optim.factor": 0.1, "trainer.precision": "bf16-mixed"},
     "gan": {"critic": {"channels": 8, "n_layers": 2}, "loss.n_critic": 3, "optim.schedule": "step",
             "optim.every_steps": 2},
 }

@@ -207,6 +207,62 @@ def test_plateau_steps_once_per_epoch_on_the_epoch_mean_loss(tiny_store, tmp_pat
     assert offsets and all(o is not None and o.shape[1] == 2 and bool((o % 4 == 0).all()) for o in offsets)
 
 
+def test_budget_schedule_anneals_over_the_run_to_lr_times_factor(tiny_store, tmp_path, fast_training):
+    """optim.schedule budget: after optimizer step k of a run of n, the rate is lr * factor ** (k / n), here with
+    the epochs as the budget (2 epochs of 3 steps), so the run ends at lr * factor whatever its length."""
+    _, store = tiny_store
+    over = {**fast_training, "trainer.max_epochs": 2, "trainer.limit_train_batches": 3, "optim.schedule": "budget",
+            "optim.factor": 0.1}
+    out = train(store, tmp_path / "budget", preset="tiny", overrides={**over, "trainer.precision": "bf16-mixed"},
+                progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())  # the precision the run resolved and used
+    assert metrics["precision"] == "bf16-mixed" and "precision bf16-mixed" in (out / "model_card.md").read_text()
+    assert all(v.dtype == torch.float32 for v in load_file(str(out / "model.safetensors")).values())
+    _, rows = _epoch_means(out)
+    lrs = [float(r["lr-Adam"]) for r in rows if r.get("lr-Adam")]
+    assert lrs == pytest.approx([2e-3 * 0.1 ** (k / 6) for k in range(6)], rel=1e-6)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)  # plain data, no callable saved
+    [sched] = ckpt["lr_schedulers"]
+    assert sched["_last_lr"] == pytest.approx([2e-4]) and "progress" not in sched
+
+
+def test_budget_spent_is_the_largest_fraction_of_time_steps_and_epochs():
+    """The time budget counts the training time Lightning's Timer holds (restored with a checkpoint)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from synth7t.config import load_config
+    from synth7t.training.module import BudgetLR, Synth7tModule
+
+    cfg = load_config("tiny", {"model.channels": 8, "model.n_groups": 4, "model.head_dim": 8, "loss.perceptual": "none",
+                               "trainer.max_minutes": 10.0, "trainer.max_steps": 1000, "trainer.max_epochs": 100,
+                               "optim.schedule": "budget"})
+    module = Synth7tModule(cfg.model_dump(mode="json"))
+    assert module.budget_spent() == 0.0  # no trainer yet
+    timer = Timer(duration={"minutes": 10})
+    timer.load_state_dict({"time_elapsed": {"train": 150.0}})  # 2.5 of 10 minutes, as after a resume
+    trainer = SimpleNamespace(callbacks=[timer], global_step=100, max_epochs=100, num_training_batches=10,
+                              current_epoch=3)
+    module._trainer = trainer
+    module._batch_in_epoch = 4
+    assert module.budget_spent() == pytest.approx(0.25)  # time: 0.25 > steps 0.1 > epochs 0.035
+    trainer.global_step = 400
+    assert module.budget_spent() == pytest.approx(0.4)
+    trainer.current_epoch, module._batch_in_epoch = 80, 9
+    assert module.budget_spent() == pytest.approx(0.81)
+    trainer.global_step = 5000
+    assert module.budget_spent() == 1.0  # never past the end
+    opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    spent = [0.0]
+    sched = BudgetLR(opt, 0.01, lambda: spent[0])
+    for p, want in [(0.5, 0.1), (1.0, 0.01), (3.0, 0.01), (-1.0, 1.0)]:
+        spent[0] = p
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(want)
+
+
 @pytest.fixture
 def gan_module():
     """The training module of a small WGAN-GP configuration, and a fixed batch."""

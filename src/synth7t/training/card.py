@@ -23,7 +23,7 @@ def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elap
     state = generator_state(weights_from) if weights_from else generator_state(module)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(epochs=int(trainer.current_epoch), steps=int(trainer.global_step), train_seconds=round(elapsed, 1),
-                   weights="best" if weights_from else "final",
+                   precision=str(trainer.precision), weights="best" if weights_from else "final",
                    weights_average=f"EMA {cfg.optim.ema_decay:g}" if cfg.optim.ema_decay else "none")
     config = model_config(cfg, store, module)
     config["training_data"].update(data_notes)
@@ -123,7 +123,8 @@ def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
         f"- Loss: L1 + {cfg.loss.perceptual_weight:g} x perceptual ({d['perceptual']}).\n"
         f"- Training data: {t['n_train']} training / {t['n_val']} validation / {t['n_test']} test subjects.{sim}\n"
         f"- Training: {metrics.get('epochs', '?')} epochs, {metrics.get('steps', '?')} steps, "
-        f"{metrics.get('train_seconds', '?')} s.{_init_line(d.get('init_from'))}{_average_line(cfg)}\n"
+        f"{metrics.get('train_seconds', '?')} s, precision {metrics.get('precision', '?')}."
+        f"{_init_line(d.get('init_from'))}{_average_line(cfg)}\n"
         f"- Validation: {val}.\n\n"
         "## Intended use\nResearch on brain MRI: producing 7T-like images from 3T scans for visualisation and for\n"
         "downstream analyses whose sensitivity to synthetic data has been checked. Outputs are estimates learnt\n"

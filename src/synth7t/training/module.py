@@ -10,6 +10,7 @@ imports Lightning at import time; :func:`synth7t.training.train` imports it when
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Any
 
@@ -190,11 +191,33 @@ class Synth7tModule(pl.LightningModule):
             )
             self._add_epoch_loss(parts["loss"])
             self._update_ema()
-            if self.cfg.optim.schedule == "step":
+            if self.cfg.optim.schedule in ("step", "budget"):
                 self._scheduler().step()
             logs.update({f"train/{k}": v.detach() for k, v in parts.items()})
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=real.shape[0],
                       sync_dist=self._distributed())
+
+    def budget_spent(self) -> float:
+        """The fraction of the run's budget spent (``optim.schedule: budget``): the largest of the training time
+        (Lightning's Timer, restored on resume) over ``trainer.max_minutes``, the optimizer steps over
+        ``trainer.max_steps`` and the epochs (with the current one's batches) over ``trainer.max_epochs``, of
+        those that can end the run; 0 before training."""
+        if self._trainer is None:
+            return 0.0
+        from lightning.pytorch.callbacks import Timer
+
+        trainer, t = self.trainer, self.cfg.trainer
+        spent = [0.0]
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if t.max_minutes and timer is not None:
+            spent.append(timer.time_elapsed("train") / (60.0 * t.max_minutes))
+        if t.max_steps > 0:
+            spent.append(trainer.global_step / t.max_steps)
+        batches = trainer.num_training_batches
+        if trainer.max_epochs and trainer.max_epochs > 0 and batches and math.isfinite(batches):
+            done = getattr(self, "_batch_in_epoch", -1) + 1
+            spent.append((trainer.current_epoch + min(done, batches) / batches) / trainer.max_epochs)
+        return min(max(spent), 1.0)
 
     def _scheduler(self):
         sched = self.lr_schedulers()
@@ -241,6 +264,7 @@ class Synth7tModule(pl.LightningModule):
         restoring the loops) cannot move them; nothing between a checkpoint and the next batch draws from the
         global generators in an uninterrupted run either (the loaders have their own).
         """
+        self._batch_in_epoch = batch_idx
         state = getattr(self, "_resume_state", None)
         if state is None:
             return
@@ -281,11 +305,11 @@ class Synth7tModule(pl.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        sched = make_scheduler(opt_g, o)
+        sched = make_scheduler(opt_g, o, progress=self.budget_spent)
         if self.critic is None:
             if sched is None:
                 return opt_g
-            interval = "step" if o.schedule == "step" else "epoch"
+            interval = "step" if o.schedule in ("step", "budget") else "epoch"
             cfg = {"scheduler": sched, "interval": interval}
             if o.schedule == "plateau":  # stepped by on_train_epoch_end (see lr_scheduler_step)
                 cfg.update(monitor="train/epoch_loss", strict=False)
@@ -330,15 +354,39 @@ def use_channels_last(cfg, device: torch.device, world_size: int = 1) -> bool:
             and cfg.model.channels >= CHANNELS_LAST_MIN_WIDTH)
 
 
-def make_scheduler(opt, o):
-    """The generator's learning-rate scheduler for ``optim.schedule`` (None: constant rate)."""
+def make_scheduler(opt, o, progress=None):
+    """The generator's learning-rate scheduler for ``optim.schedule`` (None: constant rate); ``progress``: for
+    ``budget``, a callable giving the fraction of the run's budget spent (:meth:`Synth7tModule.budget_spent`)."""
     if o.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=o.factor, patience=o.patience)
     if o.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=o.every_steps, gamma=o.factor)
     if o.schedule == "epoch":
         return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=o.factor)
+    if o.schedule == "budget":
+        if progress is None:
+            raise ValueError("optim.schedule 'budget' needs the run's progress")
+        return BudgetLR(opt, o.factor, progress)
     return None
+
+
+class BudgetLR(torch.optim.lr_scheduler.LRScheduler):
+    """``lr * factor ** p`` with ``p = progress()`` in [0, 1], the fraction of the run's budget spent
+    (``optim.schedule: budget``). Stepped after every optimizer step. Its saved state is torch's (step count,
+    base and last rates) without the ``progress`` callable, so checkpoints stay plain data; a resumed run's rate
+    follows from the progress restored with it (Lightning's Timer saves the elapsed training time)."""
+
+    def __init__(self, optimizer, factor: float, progress):
+        self.factor = float(factor)
+        self.progress = progress
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        p = min(max(float(self.progress()), 0.0), 1.0)
+        return [base * self.factor ** p for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "progress")}
 
 
 # ---------------------------------------------------------------------------------------------------------
