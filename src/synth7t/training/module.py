@@ -191,7 +191,7 @@ class Synth7tModule(pl.LightningModule):
             )
             self._add_epoch_loss(parts["loss"])
             self._update_ema()
-            if self.cfg.optim.schedule in ("step", "budget"):
+            if self.cfg.optim.schedule in PER_STEP_SCHEDULES:
                 self._scheduler().step()
             logs.update({f"train/{k}": v.detach() for k, v in parts.items()})
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=real.shape[0],
@@ -309,7 +309,7 @@ class Synth7tModule(pl.LightningModule):
         if self.critic is None:
             if sched is None:
                 return opt_g
-            interval = "step" if o.schedule in ("step", "budget") else "epoch"
+            interval = "step" if o.schedule in PER_STEP_SCHEDULES else "epoch"
             cfg = {"scheduler": sched, "interval": interval}
             if o.schedule == "plateau":  # stepped by on_train_epoch_end (see lr_scheduler_step)
                 cfg.update(monitor="train/epoch_loss", strict=False)
@@ -352,6 +352,10 @@ def use_channels_last(cfg, device: torch.device, world_size: int = 1) -> bool:
         return bool(choice)
     return (torch.device(device).type == "cpu" and world_size == 1
             and cfg.model.channels >= CHANNELS_LAST_MIN_WIDTH)
+
+
+PER_STEP_SCHEDULES = ("step", "budget")
+"""``optim.schedule`` values whose scheduler steps after every (generator) optimizer step."""
 
 
 def make_scheduler(opt, o, progress=None):
