@@ -2,7 +2,7 @@
 
 Builds the demo cohort with a fixed seed (34 subjects: 28 train, 1 validation, 4 held-out test after QC rejects
 the motion-corrupted one; 3T physics drawn per subject from the ranges of ``synth7t.demo.DemoSpec``),
-preprocesses, packs, trains the ``tiny`` preset for 14 minutes and its WGAN-GP variant (a 3-minute adversarial
+preprocesses, packs, trains the ``tiny`` preset for 13 minutes and its WGAN-GP variant (a 3-minute adversarial
 fine-tune of it), and evaluates
 
 * the 4 held-out demo subjects, and
