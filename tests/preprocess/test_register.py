@@ -8,6 +8,7 @@ from synth7t.preprocess.register import (
     from_ants,
     grid_for_zooms,
     masked_ncc,
+    ants_seed,
     register,
     resample_to,
     to_ants,
@@ -57,3 +58,15 @@ def test_register_recovers_rigid(brain, tmp_path, helpers):
     assert err_mm.mean() < 0.5, err_mm.mean()
     assert res.ncc > 0.99
     assert not list(tmp_path.glob("reg_*"))
+
+
+def test_seeded_registration_repeats(brain, helpers):
+    """A seed (0 included) and one ITK thread give the same registration twice: antsRegistration takes
+    ``--random-seed 0`` as "seed from the clock", which made two runs of the default seed differ."""
+    assert [ants_seed(s) for s in (None, 0, 1, 7, -3)] == [None, 1, 2, 8, -3]
+    t = helpers.moved_affine()
+    moving = Volume(brain.data.copy(), np.linalg.inv(t) @ brain.affine)
+    a, b = (register(moving, brain, resolution_mm=None, transform="Affine", seed=0, threads=1) for _ in range(2))
+    assert np.array_equal(a.warped.data, b.warped.data)
+    c = register(moving, brain, resolution_mm=None, transform="Affine", seed=5, threads=1)
+    assert a.params["seed"] == 0 and c.params["seed"] == 5

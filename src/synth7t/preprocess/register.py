@@ -177,6 +177,14 @@ def apply_transforms(moving: Volume, fixed: Volume | tuple[tuple, np.ndarray], t
     return Volume(res.data, grid.affine.copy(), moving.source)
 
 
+def ants_seed(seed: int | None) -> int | None:
+    """The ``--random-seed`` given to antsRegistration for our ``seed``: never 0, which ANTs takes as "use the
+    clock" (two registrations of one pair then differ). ``seed >= 0`` -> ``seed + 1``; negative seeds as they are."""
+    if seed is None:
+        return None
+    return int(seed) + 1 if int(seed) >= 0 else int(seed)
+
+
 def register(moving: Volume, fixed: Volume, *, resolution_mm: float | None = 1.0,
              transform: str = "SyN", transforms_dir: Path | None = None, fixed_mask: Volume | None = None,
              syn_iterations: tuple[int, ...] = (40, 20, 0), affine_iterations: tuple[int, ...] = (2100, 1200, 1200, 10),
@@ -201,10 +209,11 @@ def register(moving: Volume, fixed: Volume, *, resolution_mm: float | None = 1.0
         resolution_mm = max(float(resolution_mm), float(max(moving.zooms.min(), fixed.zooms.min())))
     mov_r = resample_to(moving, resolution_mm) if resolution_mm else moving
     fix_r = resample_to(fixed, resolution_mm) if resolution_mm else fixed
-    if seed is not None:  # passes --random-seed to antsRegistration (threads left as set)
-        from ants import config as ants_config
+    from ants import config as ants_config
 
-        ants_config.set_ants_deterministic(on=False, seed_value=int(seed))
+    # --random-seed for antsRegistration (threads left as set); None: none. antsRegistration reads a seed of 0
+    # as "seed from the clock", so 0, 1, 2, ... become 1, 2, 3, ...: with seed 0 two runs differed.
+    ants_config.set_ants_deterministic(on=False, seed_value=ants_seed(seed))
     with tempfile.TemporaryDirectory(prefix="synth7t-ants-") as tmp:
         reg = ants.registration(fixed=to_ants(fix_r), moving=to_ants(mov_r), type_of_transform=transform,
                                 outprefix=str(Path(tmp) / "reg_"), reg_iterations=tuple(syn_iterations),
