@@ -4,11 +4,11 @@ import numpy as np
 
 from synth7t.io import Volume
 from synth7t.preprocess.register import (
+    ants_seed,
     apply_transforms,
     from_ants,
     grid_for_zooms,
     masked_ncc,
-    ants_seed,
     register,
     resample_to,
     to_ants,
