@@ -107,7 +107,7 @@ def prepare_cohort(out: Path, jobs: int, subjects: int = 18) -> Path:
     """The benchmark's demo cohort (seed 0), preprocessed and packed under ``out``; returns the slice store."""
     from synth7t.pipeline_demo import N_TEST, build_cohort, prepare_store
 
-    manifest = build_cohort(out, subjects, 0, progress=True)
+    manifest = build_cohort(out, subjects, 0, progress=True, jobs=jobs)
     store = out / "slices"
     prepare_store(manifest, out / "work", store, out / "private", jobs=jobs, seed=0,
                   n_test=N_TEST["benchmark" if subjects >= 18 else "demo"], progress=True)

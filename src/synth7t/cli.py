@@ -97,7 +97,7 @@ def demo(
         "synth7t-demo"),
     subjects: Annotated[int, typer.Option(help="Number of simulated subjects (>= 8 for the whole chain).")] = 10,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same cohort.")] = 0,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects preprocessed in parallel.")] = 2,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects simulated and preprocessed in parallel.")] = 2,
     cohort_only: Annotated[bool, typer.Option("--cohort-only", help="Only build the simulated cohort.")] = False,
     benchmark: Annotated[bool, typer.Option("--benchmark", help=f"Proxy quality benchmark: {BENCH_SUBJECTS} "
                                             "subjects, longer training, the GAN variant, and the transfer set "

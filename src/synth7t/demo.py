@@ -575,14 +575,45 @@ def draw_covariates(rng: np.random.Generator) -> tuple[float, str, str]:
     return age, sex, diagnosis
 
 
-def build_demo_cohort(out: str | Path, spec: DemoSpec | None = None, *, progress: bool = True) -> Path:
+def _subject_paths(out: Path, sid: str) -> dict[str, Path]:
+    raw = {k: out / "raw" / f"{sid}_{k[1]}T.nii.gz" for k in ("t3", "t7")}
+    return {**raw, "clean": out / "truth" / f"{sid}_7T_clean.nii.gz", "meta": out / "truth" / f"{sid}.json"}
+
+
+def _subject_rng(spec: DemoSpec, index: int) -> tuple[np.random.Generator, tuple[float, str, str]]:
+    """Subject ``index``'s own generator (a spawned child of ``spec.seed``) and its covariates, its first draws."""
+    rng = np.random.default_rng(np.random.SeedSequence(spec.seed).spawn(spec.n_subjects)[index])
+    return rng, draw_covariates(rng)
+
+
+_ANATOMY: dict[str, Anatomy] = {}  # one per process and spec: the cohort's workers build it once each
+
+
+def _write_subject(out: Path, spec: DemoSpec, index: int) -> None:
+    """Simulate subject ``index`` and write its images and draws (also run in a worker process)."""
+    key = repr(asdict(spec))
+    if key not in _ANATOMY:
+        _ANATOMY.clear()
+        _ANATOMY[key] = Anatomy.build(spec)
+    rng, (age, _, _) = _subject_rng(spec, index)
+    sim = simulate_subject(_ANATOMY[key], spec, index, rng, age)
+    paths = _subject_paths(out, f"demo-{index + 1:02d}")
+    save_volume(paths["t7"], sim["t7"], dtype=np.int16)
+    save_volume(paths["t3"], sim["t3"], dtype=np.int16)
+    save_volume(paths["clean"], sim["t7_clean"])
+    write_json(paths["meta"], sim["events"])  # last: it marks the subject complete
+
+
+def build_demo_cohort(out: str | Path, spec: DemoSpec | None = None, *, progress: bool = True,
+                      jobs: int = 1) -> Path:
     """Write ``spec.n_subjects`` simulated pairs and ``manifest.csv`` under ``out``; returns the manifest path.
 
     Files: ``raw/demo-XX_3T.nii.gz`` (3T-like, voxel size drawn per subject), ``raw/demo-XX_7T.nii.gz``
     (0.65 mm), ``truth/demo-XX_7T_clean.nii.gz`` (the noise-, bias- and artefact-free 7T-like image, for
     checking), ``truth/demo-XX.json`` (what was drawn and injected), ``manifest.csv`` (with a ``simulated``
     column), ``SIMULATED.txt`` and ``demo.json`` (the spec and every subject's draws).
-    Existing complete subjects are kept (a rerun with the same spec is a no-op).
+    Existing complete subjects are kept (a rerun with the same spec is a no-op). ``jobs`` > 1 simulates subjects
+    in that many processes; each subject draws from its own generator, so the files are the same for any ``jobs``.
     """
     from synth7t.io import read_json
     from synth7t.progress import progress_bar
@@ -592,28 +623,32 @@ def build_demo_cohort(out: str | Path, spec: DemoSpec | None = None, *, progress
         raise ValueError("n_subjects must be >= 1")
     out = Path(out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
-    anatomy = None
-    seeds = np.random.SeedSequence(spec.seed).spawn(spec.n_subjects)
+    sids = [f"demo-{i + 1:02d}" for i in range(spec.n_subjects)]
+    todo = [i for i, sid in enumerate(sids) if not all(p.exists() for p in _subject_paths(out, sid).values())]
+    pool, pending = None, {}
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"))
+        pending = {i: pool.submit(_write_subject, out, spec, i) for i in todo}
     subjects, info = [], {}
-    for i in progress_bar(range(spec.n_subjects), "demo cohort", enabled=progress):
-        sid = f"demo-{i + 1:02d}"
-        rng = np.random.default_rng(seeds[i])
-        age, sex, diagnosis = draw_covariates(rng)
-        paths = {k: out / "raw" / f"{sid}_{k[1]}T.nii.gz" for k in ("t3", "t7")}
-        clean_path = out / "truth" / f"{sid}_7T_clean.nii.gz"
-        meta_path = out / "truth" / f"{sid}.json"
-        if not (all(p.exists() for p in paths.values()) and meta_path.exists()):
-            anatomy = anatomy if anatomy is not None else Anatomy.build(spec)
-            sim = simulate_subject(anatomy, spec, i, rng, age)
-            save_volume(paths["t7"], sim["t7"], dtype=np.int16)
-            save_volume(paths["t3"], sim["t3"], dtype=np.int16)
-            save_volume(clean_path, sim["t7_clean"])
-            write_json(meta_path, sim["events"])
-        info[sid] = read_json(meta_path)
-        subjects.append(Subject(subject=sid, t3=paths["t3"], t7=paths["t7"], age=age, sex=sex,
-                                        diagnosis=diagnosis, extra={"simulated": "yes"}))
-        log.info("%s: age %.1f, %s, %s, injected %s", sid, age, sex, diagnosis,
-                 [k for k, v in info[sid].items() if v is True] or "nothing")
+    try:
+        for i in progress_bar(range(spec.n_subjects), "demo cohort", enabled=progress):
+            sid, paths = sids[i], _subject_paths(out, sids[i])
+            if i in pending:
+                pending[i].result()
+            elif i in todo:
+                _write_subject(out, spec, i)
+            _, (age, sex, diagnosis) = _subject_rng(spec, i)
+            info[sid] = read_json(paths["meta"])
+            subjects.append(Subject(subject=sid, t3=paths["t3"], t7=paths["t7"], age=age, sex=sex,
+                                    diagnosis=diagnosis, extra={"simulated": "yes"}))
+            log.info("%s: age %.1f, %s, %s, injected %s", sid, age, sex, diagnosis,
+                     [k for k, v in info[sid].items() if v is True] or "nothing")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     write_text(out / "SIMULATED.txt", SIMULATED_NOTE)
     write_json(out / "demo.json", {"spec": asdict(spec), "subjects": info, "simulated": True,
                                    "template": "deepmriprep Template_05mm_bet.nii.gz (MIT)"})

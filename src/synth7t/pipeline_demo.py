@@ -58,7 +58,7 @@ def run_demo(out: str | Path, *, n_subjects: int = 10, seed: int = 0, jobs: int 
     if n_subjects < 8 and not cohort_only:
         raise Synth7tError(f"--subjects {n_subjects}: the whole chain needs at least 8 subjects")
     t = time.perf_counter()
-    manifest = build_cohort(out, n_subjects, seed, progress)
+    manifest = build_cohort(out, n_subjects, seed, progress, jobs)
     timings["cohort"] = time.perf_counter() - t
     if cohort_only:
         return {"manifest": manifest}
@@ -111,10 +111,11 @@ def run_demo(out: str | Path, *, n_subjects: int = 10, seed: int = 0, jobs: int 
     return results
 
 
-def build_cohort(out: Path, n_subjects: int, seed: int, progress: bool) -> Path:
+def build_cohort(out: Path, n_subjects: int, seed: int, progress: bool, jobs: int = 1) -> Path:
     from synth7t.demo import DemoSpec, build_demo_cohort
 
-    manifest = build_demo_cohort(out / "cohort", DemoSpec(n_subjects=n_subjects, seed=seed), progress=progress)
+    manifest = build_demo_cohort(out / "cohort", DemoSpec(n_subjects=n_subjects, seed=seed), progress=progress,
+                                 jobs=jobs)
     log.info("demo cohort (SIMULATED): %s", manifest)
     return manifest
 
