@@ -122,7 +122,9 @@ def from_ants(img, source: str | None = None) -> Volume:
 
 
 def set_threads(threads: int | None) -> None:
-    """Limit ITK's threads (ANTs and SimpleITK) to ``threads``; ANTs reads the environment variable."""
+    """Limit ITK's threads (ANTs and SimpleITK) to ``threads``; ANTs reads the environment variable, once per
+    process (when its ITK first needs a thread count): later changes do not reach it. Preprocessing's workers
+    call this before any ITK work; a registration repeats bit for bit only at one thread."""
     import os
 
     if not threads:
