@@ -581,8 +581,9 @@ def _subject_paths(out: Path, sid: str) -> dict[str, Path]:
 
 
 def _subject_rng(spec: DemoSpec, index: int) -> tuple[np.random.Generator, tuple[float, str, str]]:
-    """Subject ``index``'s own generator (a spawned child of ``spec.seed``) and its covariates, its first draws."""
-    rng = np.random.default_rng(np.random.SeedSequence(spec.seed).spawn(spec.n_subjects)[index])
+    """Subject ``index``'s own generator (child ``index`` of ``spec.seed``, as ``SeedSequence.spawn`` makes it) and
+    its covariates, its first draws."""
+    rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(index,)))
     return rng, draw_covariates(rng)
 
 

@@ -213,8 +213,7 @@ def register(moving: Volume, fixed: Volume, *, resolution_mm: float | None = 1.0
     fix_r = resample_to(fixed, resolution_mm) if resolution_mm else fixed
     from ants import config as ants_config
 
-    # --random-seed for antsRegistration (threads left as set); None: none. antsRegistration reads a seed of 0
-    # as "seed from the clock", so 0, 1, 2, ... become 1, 2, 3, ...: with seed 0 two runs differed.
+    # --random-seed for antsRegistration, never 0 (threads left as set); None clears an earlier call's seed
     ants_config.set_ants_deterministic(on=False, seed_value=ants_seed(seed))
     with tempfile.TemporaryDirectory(prefix="synth7t-ants-") as tmp:
         reg = ants.registration(fixed=to_ants(fix_r), moving=to_ants(mov_r), type_of_transform=transform,
