@@ -23,7 +23,7 @@ from synth7t.pipeline_demo import BENCH_SUBJECTS  # stdlib-only module: --help s
 app = typer.Typer(
     name="synth7t",
     help="Synthetic 7T-quality brain MRI from 3T T1-weighted scans: "
-    "preprocess, pack, train, predict, qc, evaluate, tune.",
+    "preprocess, pack, train, predict, qc, evaluate, tune; import-thesis runs the thesis' published models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -262,13 +262,47 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# import-thesis
+
+
+@app.command("import-thesis")
+@user_errors
+def import_thesis(
+    checkpoint: Annotated[Path, typer.Argument(help="The authors' checkpoint, e.g. my_unet_no_diag.pt or "
+                                                   "my_unetGanNoDiag.pt (read as tensors; no pickled code runs).")],
+    params: Annotated[Path, typer.Option("--params", help="Its settings file, e.g. params_no_diag.txt (a Python "
+                                                          "dict literal, read with ast.literal_eval).")],
+    template: Annotated[Path, typer.Option("--template", help="The 7T template the model works on "
+                                                              "(template_7T.nii.gz).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    template_3t: Annotated[Path | None, typer.Option("--template-3t", help="The 3T template (template_3T.nii.gz): "
+                                                     "scans are registered rigidly to it, as the authors did.")] = None,
+    template_affine: Annotated[Path | None, typer.Option("--template-affine", help="The ITK affine from the 3T to "
+                                                         "the 7T template (template_3T_to_7T.mat).")] = None,
+    slice_dim: Annotated[int | None, typer.Option("--slice-dim", help="Template axis the model slices along "
+                                                  "(default: the settings' slice_dim, 1).")] = None,
+) -> None:
+    """Import the thesis authors' published BioFINDER-2 networks (DeMONLab-BioFINDER/SuperResolutionMalo, CC BY-NC
+    4.0, downloaded by you) into a synth7t model folder that `synth7t predict` runs on CPU or GPU.
+
+    The model card records the source file's sha256 (and whether it is one of the published files), the licence,
+    the citation and where synth7t's prediction differs from the authors' scripts.
+    """
+    from synth7t.thesis import import_thesis as import_fn
+
+    path = import_fn(checkpoint, params, template, out, template_3t=template_3t, template_affine=template_affine,
+                     slice_dim=slice_dim)
+    typer.echo(f"model folder: {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # predict
 
 
 @app.command()
 @user_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="Model folder written by `synth7t train`.")],
+    model: Annotated[Path, typer.Argument(help="Model folder written by `synth7t train` or `synth7t import-thesis`.")],
     inputs: Annotated[list[Path] | None, typer.Argument(help="3T scans (files), folders of scans, or a manifest "
                                                      "CSV/TSV (or none, with --bids).", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: one sub-folder per input; with --bids, "
@@ -290,7 +324,8 @@ def predict(
                                                 "CPU, up to 4 on a GPU, 0 for a single scan).",
                                                 show_default=False)] = None,
     preprocessed: Annotated[bool, typer.Option(help="Inputs are bias-corrected, skull-stripped brains.")] = False,
-    age: Annotated[float | None, typer.Option(help="Age in years (for all inputs; a manifest gives its own).")] = None,
+    age: Annotated[float | None, typer.Option(help="Age in years (for all inputs; a manifest gives its own). The "
+                                              "published thesis models require age and sex.")] = None,
     sex: Annotated[str | None, typer.Option(help="F or M.")] = None,
     diagnosis: Annotated[str | None, typer.Option(help="normal, scd, mci, dementia (or healthy/ill).")] = None,
     tta: Annotated[bool, typer.Option(help="Flip test-time augmentation + an uncertainty map.")] = False,
@@ -307,7 +342,9 @@ def predict(
                                            "say).")] = None,
     voxel_size: Annotated[float | None, typer.Option(help="Voxel size (mm) of the grid the model runs on (default: "
                                                      "its training grid).")] = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on a capable GPU, else fp32), 32 or bf16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on a capable GPU; on a CPU fp32, except for the published "
+                                           "thesis models: the faster of fp32 and bf16, measured), 32 or bf16 (on a "
+                                           "CPU: bf16 weights, half the memory).")] = "auto",
     qc: Annotated[bool, typer.Option("--qc", help="Then write the cohort QC page OUT/qc.html (`synth7t qc`).")] = False,
 ) -> None:
     """Turn raw 3T T1w scans into synthetic 7T brains, in the input's own world space.

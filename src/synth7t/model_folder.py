@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +52,27 @@ def generator_state(module_or_ckpt: Any) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in sd.items() if k.startswith(prefix)}
 
 
-def save_model_folder(out: Path, state: dict[str, torch.Tensor], config: dict, metrics: dict, card: str) -> Path:
-    """Write a model folder: weights (safetensors), config.json, metrics.json, model_card.md, checksums.sha256."""
+def save_model_folder(out: Path, state: dict[str, torch.Tensor], config: dict, metrics: dict, card: str,
+                      extra_files: dict[str, Path] | None = None) -> Path:
+    """Write a model folder: weights (safetensors), config.json, metrics.json, model_card.md, checksums.sha256.
+
+    ``extra_files``: ``{name in the folder: source file}`` copied in (atomically) and listed in the checksums (an
+    imported model's templates, say)."""
     from safetensors.torch import save_file
 
     from synth7t.io import atomic_path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name, src in (extra_files or {}).items():
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(src, tmp)
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "synth7t", "version": __version__})
     write_json(out / "metrics.json", metrics)
     write_json(out / "config.json", config)
     write_text(out / "model_card.md", card)
-    files = [*MODEL_FILES, "metrics.json", "model_card.md"]
+    files = [*MODEL_FILES, "metrics.json", "model_card.md", *(extra_files or {})]
     write_text(out / "checksums.sha256", "".join(f"{sha256_file(out / f)}  {f}\n" for f in files))
     log.info("model folder written: %s", out)
     return out

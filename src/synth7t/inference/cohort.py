@@ -60,19 +60,27 @@ def option_covariates(opts: PredictOptions) -> dict:
 
 
 class PlainLayout:
-    """Outputs of plain inputs: ``OUT/<name>/syn7t.nii.gz``, ``mask.nii.gz``, ...; ``provenance.json`` last."""
+    """Outputs of plain inputs: ``OUT/<name>/syn7t.nii.gz``, ``mask.nii.gz``, ...; ``provenance.json`` last.
+
+    A model on a template grid also writes ``syn7t_space-<template>.nii.gz`` (and ``mask_``, ``uncertainty_``)."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
+        self.space: str | None = None
 
     def begin(self, predictor: Predictor, opts: PredictOptions) -> None:
-        """Nothing to write before the first scan."""
+        """Nothing to write before the first scan; a template model's space name is noted."""
+        self.space = predictor.template["name"] if predictor.template else None
 
     def paths(self, job: Subject) -> dict[str, Path]:
         dest = self.out / job.subject
-        return {"folder": dest, "syn7t": dest / OUTPUT_NAME, "mask": dest / "mask.nii.gz",
-                "uncertainty": dest / "uncertainty.nii.gz", "on_input_grid": dest / "syn7t_on_input_grid.nii.gz",
-                "record": dest / "provenance.json"}
+        paths = {"folder": dest, "syn7t": dest / OUTPUT_NAME, "mask": dest / "mask.nii.gz",
+                 "uncertainty": dest / "uncertainty.nii.gz", "on_input_grid": dest / "syn7t_on_input_grid.nii.gz",
+                 "record": dest / "provenance.json"}
+        if self.space:
+            paths |= {f"{k}_template": dest / f"{k}_space-{self.space}.nii.gz" for k in ("syn7t", "mask",
+                                                                                          "uncertainty")}
+        return paths
 
     def complete(self, job: Subject) -> bool:
         paths = self.paths(job)
@@ -116,13 +124,23 @@ def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path | None,
     log.info("preprocessing: %s", ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in steps.items()))
     layout.begin(predictor, opts)
     result, todo = PredictResult(), []
+    from synth7t.inference.template import missing_covariates
+
     for job in jobs:
-        if layout.complete(job) and not opts.overwrite:
+        missing = missing_covariates(predictor.config, {k: getattr(job, k) for k in ("age", "sex", "diagnosis")})
+        if missing:  # refused before any preprocessing: this model cannot run without them
+            result.failed[str(job.t3)] = (f"{job.t3}: the model needs {' and '.join(missing)}, which this scan "
+                                          "lacks (give --age/--sex or a manifest/participants.tsv with them)")
+            log.error("%s", result.failed[str(job.t3)])
+        elif layout.complete(job) and not opts.overwrite:
             paths = layout.paths(job)
             result.skipped.append(paths.get("folder", paths["syn7t"]))
             log.info("%s: output exists, skipped (use --overwrite to redo)", job.subject)
         else:
             todo.append(job)
+    predictor.show_progress = progress and len(todo) == 1 and predictor.template is not None
+    if predictor.template is not None and todo:
+        _announce_cost(predictor, opts, len(todo))
     workers = default_workers(len(todo), predictor.device.type) if opts.workers is None else opts.workers
     ahead = prefetched(todo, predictor.prep_spec, steps, preprocessed=opts.preprocessed,
                        keep_input=opts.resample_to_input, workers=workers, device_type=predictor.device.type)
@@ -168,6 +186,10 @@ def _predict_job(predictor: Predictor, job: Subject, layout, opts: PredictOption
     written["mask"] = save_volume(paths["mask"], res["mask"], dtype=np.uint8, inputs=inputs)
     if "uncertainty" in res:
         written["uncertainty"] = save_volume(paths["uncertainty"], res["uncertainty"], inputs=inputs)
+    for key in ("syn7t_template", "mask_template", "uncertainty_template"):  # a template model's own grid
+        if key in res:
+            written[key] = save_volume(paths[key], res[key], dtype=np.uint8 if key.startswith("mask") else np.float32,
+                                       inputs=inputs)
     if opts.resample_to_input:
         written["on_input_grid"] = save_volume(paths["on_input_grid"],
                                                on_input_grid(res["syn7t"], res["canonical"], res["reorientation"]),
@@ -189,8 +211,7 @@ def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: di
         "model": {"folder": predictor.model_dir.name, "sha256": predictor.checksum,
                   "preset": predictor.config.get("preset")},
         "outputs": {k: Path(v).name for k, v in written.items()},
-        "intensity_units": ("input intensity units (clipped range of the input brain)" if opts.rescale
-                            else "model units: 0 and 1 = the input brain's 1st and 99th percentiles"),
+        "intensity_units": _intensity_units(predictor, opts),
         "normalization_limits": list(res["limits"]),
         "voxel_size_mm": list(res["steps"]["voxel_size_mm"]["value"]),
         "preprocessing": res["steps"],
@@ -200,5 +221,36 @@ def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: di
         "covariates_given": {k: getattr(job, k) is not None for k in ("age", "sex", "diagnosis")},
         "device": str(predictor.device),
         "timings_s": {k: round(v, 2) for k, v in res["timings"].items()},
+        **({"template": {k: predictor.template[k] for k in ("name", "shape", "slice_dim", "voxel_size_mm")},
+            "transforms": res["registration"]} if "registration" in res else {}),
         "versions": {"torch": torch.__version__, "numpy": numpy.__version__, "nibabel": nibabel.__version__},
     }
+
+
+def _intensity_units(predictor: Predictor, opts: PredictOptions) -> str:
+    if predictor.template is not None:
+        return predictor.config.get("output_contrast", "the model's normalized 7T units")
+    if opts.rescale:
+        return "input intensity units (clipped range of the input brain)"
+    return "model units: 0 and 1 = the input brain's 1st and 99th percentiles"
+
+
+def _announce_cost(predictor: Predictor, opts: PredictOptions, n_scans: int) -> None:
+    """Log what a template model's run will cost before it starts: FLOPs per scan and, on a CPU, the expected time
+    from this machine's measured matmul rate at the run's precision (:func:`synth7t.nn.flops.expected_seconds`)."""
+    from synth7t.nn.flops import expected_seconds, published_flops
+
+    t = predictor.template
+    shape = t["shape"]
+    windows = shape[t["slice_dim"]] - predictor.net.cfg.in_slices + 1
+    in_plane = tuple(s for i, s in enumerate(shape) if i != t["slice_dim"])
+    flops = published_flops(predictor.net.cfg, in_plane) * windows * (2 if opts.tta else 1)
+    if predictor.device.type != "cpu":
+        log.info("%d scan(s), %.2f PFLOP each on %s", n_scans, flops / 1e15, predictor.device)
+        return
+    seconds, rate = expected_seconds(flops, predictor.dtype or torch.float32)
+    if seconds < 60:
+        return
+    log.warning("this model costs %.2f PFLOP a scan: on this CPU (%s matmul at %.0f GFLOP/s) expect about %.0f min "
+                "a scan, %d scan(s); a GPU takes seconds", flops / 1e15,
+                "bf16" if predictor.dtype == torch.bfloat16 else "fp32", rate / 1e9, seconds / 60, n_scans)

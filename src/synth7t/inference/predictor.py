@@ -58,12 +58,16 @@ class PredictResult:
 
 @dataclass(frozen=True)
 class PrepSpec:
-    """What preprocessing needs to know of a model (small and picklable: sent to preprocessing workers)."""
+    """What preprocessing needs to know of a model (small and picklable: sent to preprocessing workers).
+
+    ``template``: for a model that works on a template grid (``thesis_published``), its template record with the
+    files as paths (:func:`synth7t.inference.template.template_paths`); None for synth7t's own models."""
 
     multiple: int
     lower_pct: float
     upper_pct: float
     voxel_mm: tuple[float, float, float]
+    template: dict | None = None
 
 
 class Predictor:
@@ -80,9 +84,19 @@ class Predictor:
         self.net, self.config, self.checksum = load_generator_with_digest(model_dir, self.device)
         self.kind = self.config["model"].get("kind", "unet")
         self.patch3d = int(self.config.get("patch3d") or 64) if self.kind == "unet3d" else None
+        self.template = None
+        if self.kind == "thesis_published":
+            from synth7t.inference.template import template_paths
+
+            self.template = template_paths(self.model_dir, self.config)
         if self.device.type == "cpu" and self.patch3d is None:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.dtype = self._dtype(precision)
+        # bf16 asked for on a CPU: the weights themselves in bf16 (half the memory), no autocast
+        self.bf16_weights = self.dtype == torch.bfloat16 and self.device.type == "cpu" and precision == "bf16"
+        if self.bf16_weights:
+            self.net = self.net.to(torch.bfloat16)
+        self.show_progress = False  # a progress bar over each scan's slice batches (set for a single long scan)
         self.n_slices = int(self.config["n_slices"])
         self.multiple = int(self.config.get("multiple") or self.net.cfg.downsample_factor)
         norm = self.config.get("normalization", {})
@@ -93,15 +107,38 @@ class Predictor:
 
     @property
     def prep_spec(self) -> PrepSpec:
-        return PrepSpec(self.multiple, self.lower_pct, self.upper_pct, self.voxel_mm)
+        return PrepSpec(self.multiple, self.lower_pct, self.upper_pct, self.voxel_mm, self.template)
 
     def _dtype(self, precision: str) -> torch.dtype | None:
+        """bf16 (autocast) or None (fp32). ``auto``: bf16 on a GPU that supports it; on a CPU only for the
+        published thesis models (about a PFLOP a brain), where the CPU multiplies bf16 in hardware and a matmul
+        probe finds it faster than fp32."""
+        from synth7t.devices import cpu_has_native_bf16
+
         if precision not in ("auto", "32", "bf16"):
             raise InputError(f"precision {precision!r}: expected auto, 32 or bf16")
         if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"
                                    and torch.cuda.is_bf16_supported()):
             return torch.bfloat16
+        if precision == "auto" and self.device.type == "cpu" and self.kind == "thesis_published" \
+                and cpu_has_native_bf16():
+            from synth7t.nn.flops import matmul_rate
+
+            # bf16 in hardware is not always faster (measured on this project's machines: 0.5x to 3x fp32)
+            bf16, fp32 = matmul_rate(torch.bfloat16, seconds=0.3), matmul_rate(torch.float32, seconds=0.3)
+            log.info("CPU matmul: bf16 %.0f, fp32 %.0f GFLOP/s; predicting in %s", bf16 / 1e9, fp32 / 1e9,
+                     "bf16" if bf16 > 1.1 * fp32 else "fp32")
+            return torch.bfloat16 if bf16 > 1.1 * fp32 else None
         return None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The network on one batch at the predictor's precision (channels-last on a CPU)."""
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.bf16_weights:
+            return self.net(x.to(torch.bfloat16), context.to(torch.bfloat16))
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.net(x, context)
 
     def batch_size(self, hw: tuple[int, int], requested: int | None) -> int:
         """Slices per forward pass: ``requested``, or what fits in a quarter of the free memory.
@@ -183,10 +220,7 @@ class Predictor:
                                    group=group):
             x = torch.from_numpy(batch["input"]).to(self.device)
             c = torch.from_numpy(batch["context"]).to(self.device)
-            if self.device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                y = self.net(x, c)
+            y = self.forward(x, c)
             out[batch["slice"]] = y[:, 0].float().clamp(0, 1).cpu().numpy()
         return out
 

@@ -60,7 +60,50 @@ def resolve_steps(predictor: Predictor, opts: PredictOptions) -> tuple[dict, lis
     if opts.preprocessed:
         for key in ("skullstrip", "n4"):
             steps[key] = {"value": None, "source": "skipped: input is preprocessed"}
+    if predictor.template is not None:
+        t = predictor.template
+        how = ("rigid to the 3T template, then the template affine" if t.get("template_3t")
+               else "rigid + affine to the 7T template")
+        steps["registration"] = {"value": f"{how}, onto the {t['name']} grid {tuple(t['shape'])} (none for a scan "
+                                          "already on that grid)", "source": "model"}
+        if opts.rescale:
+            warnings.append("--rescale does not apply to this model: its output is in the units of its normalized "
+                            "7T training targets")
     return steps, warnings
+
+
+def correct_and_strip(vol: Volume, *, preprocessed: bool, skullstrip: str, n4_preset: str | dict = "3t"
+                      ) -> tuple[Volume, Volume, dict]:
+    """Steps 2 of prediction: (brain, mask, timings). N4 (``n4_preset``: a preset name, N4 parameters or
+    ``"none"``), then skull stripping; a ``preprocessed`` input is its own brain, its mask its non-zero voxels."""
+    timings = {}
+    t0 = time.perf_counter()
+    if preprocessed:
+        from synth7t.preprocess.skullstrip import clean_mask
+
+        return vol, vol.with_data(clean_mask(vol.data > 0).astype(np.float32)), timings
+    from synth7t.preprocess.bias import N4Params, n4
+    from synth7t.preprocess.skullstrip import strip
+
+    params = N4Params(**n4_preset) if isinstance(n4_preset, dict) else n4_preset
+    corrected = vol if params == "none" else n4(vol, params)
+    timings["n4"] = time.perf_counter() - t0
+    mask, _ = strip(corrected, skullstrip)
+    brain = corrected.with_data(corrected.data * (mask.data > 0))
+    timings["skullstrip"] = time.perf_counter() - t0 - timings["n4"]
+    return brain, mask, timings
+
+
+def on_model_grid(vol: Volume, brain: Volume, mask: Volume, voxel_mm) -> tuple[Volume, Volume]:
+    """Step 3: the brain (linear) and its mask (nearest neighbour) on the model's voxel grid over the scan's own
+    canonical frame; one line when no brain is left."""
+    from synth7t.preprocess.register import resample_to
+
+    brain_r = resample_to(brain, voxel_mm, order=1)
+    mask_r = resample_to(mask, (brain_r.shape, brain_r.affine), order=0)
+    if not (mask_r.data > 0).any():
+        raise InputError(f"{vol.source}: no brain left after resampling to {voxel_mm} mm")
+    return brain_r, mask_r
 
 
 def prepare_input(vol: Volume, predictor: Predictor | PrepSpec, *, preprocessed: bool, skullstrip: str,
@@ -69,32 +112,13 @@ def prepare_input(vol: Volume, predictor: Predictor | PrepSpec, *, preprocessed:
     geometry and the normalized stack. ``n4_preset``: a preset name, N4 parameters, or ``"none"``.
     ``predictor``: the model, or its :class:`PrepSpec` (in a preprocessing worker)."""
     from synth7t.dataset.cropnorm import clipped_minmax, crop_box, crop_pad
-    from synth7t.preprocess.register import resample_to
 
-    timings = {}
-    t0 = time.perf_counter()
-    if preprocessed:
-        from synth7t.preprocess.skullstrip import clean_mask
-
-        brain = vol
-        mask = vol.with_data(clean_mask(vol.data > 0).astype(np.float32))
-    else:
-        from synth7t.preprocess.bias import N4Params, n4
-        from synth7t.preprocess.skullstrip import strip
-
-        params = N4Params(**n4_preset) if isinstance(n4_preset, dict) else n4_preset
-        corrected = vol if params == "none" else n4(vol, params)
-        timings["n4"] = time.perf_counter() - t0
-        mask, _ = strip(corrected, skullstrip)
-        brain = corrected.with_data(corrected.data * (mask.data > 0))
-        timings["skullstrip"] = time.perf_counter() - t0 - timings["n4"]
+    brain, mask, timings = correct_and_strip(vol, preprocessed=preprocessed, skullstrip=skullstrip,
+                                             n4_preset=n4_preset)
     t1 = time.perf_counter()
     voxel_mm = voxel_mm or predictor.voxel_mm
-    brain_r = resample_to(brain, voxel_mm, order=1)
-    mask_r = resample_to(mask, (brain_r.shape, brain_r.affine), order=0)
+    brain_r, mask_r = on_model_grid(vol, brain, mask, voxel_mm)
     m = mask_r.data > 0
-    if not m.any():
-        raise InputError(f"{vol.source}: no brain left after resampling to {voxel_mm} mm")
     box = crop_box(m)
     stack, geom = crop_pad(brain_r.data, box, None, predictor.multiple)  # (Z, H, W)
     mstack, _ = crop_pad(m.astype(np.uint8), box, None, predictor.multiple)
@@ -113,8 +137,13 @@ def prepare_scan(scan: Volume | str | Path, spec: PrepSpec, steps: dict, *, prep
     vol = scan if isinstance(scan, Volume) else load_volume(scan)
     canonical, info = to_canonical(vol)
     load_s = time.perf_counter() - t0
-    prep = prepare_input(canonical, spec, preprocessed=preprocessed, skullstrip=steps["skullstrip"]["value"],
-                         n4_preset=steps["n4"]["value"], voxel_mm=tuple(steps["voxel_size_mm"]["value"]))
+    if spec.template is not None:  # a model on a template grid (the published thesis models)
+        from synth7t.inference.template import prepare_template_scan
+
+        prep = prepare_template_scan(vol, canonical, spec, steps, preprocessed=preprocessed)
+    else:
+        prep = prepare_input(canonical, spec, preprocessed=preprocessed, skullstrip=steps["skullstrip"]["value"],
+                             n4_preset=steps["n4"]["value"], voxel_mm=tuple(steps["voxel_size_mm"]["value"]))
     prep["timings"] = {"load": load_s, **prep["timings"]}
     prep["reorientation"], prep["canonical"], prep["steps"] = info, canonical if keep_input else None, steps
     return prep
@@ -134,6 +163,10 @@ def finish_prediction(predictor: Predictor, prep: dict, opts: PredictOptions, *,
     from synth7t.manifest import diagnosis_group
 
     cov = covariates or {}
+    if predictor.template is not None:
+        from synth7t.inference.template import finish_template_prediction
+
+        return finish_template_prediction(predictor, prep, opts, covariates=cov)
     t0 = time.perf_counter()
     pred, unc = predictor.predict_stack(prep["stack"], age=cov.get("age"), sex=cov.get("sex"),
                                         group=diagnosis_group(cov.get("diagnosis")), batch_size=opts.batch_size,

@@ -16,7 +16,7 @@ from .blocks import (
     TransformerBlock,
     sinusoidal_2d,
 )
-from .config import CONTEXT_DIM, CriticConfig, UNet3DConfig, UNetConfig, generator_config
+from .config import CONTEXT_DIM, CriticConfig, PublishedUNetConfig, UNet3DConfig, UNetConfig, generator_config
 from .critic import CriticResBlock, PatchCritic
 from .losses import (
     PERCEPTUAL_KINDS,
@@ -27,6 +27,7 @@ from .losses import (
     generator_adv_loss,
     gradient_penalty,
 )
+from .published import PublishedUNet
 from .unet import UNet
 from .unet3d import UNet3D, build_generator
 from .wavelet import haar_dwt2, haar_idwt2
@@ -42,6 +43,8 @@ __all__ = [
     "DeepbetPerceptual",
     "FeedForward",
     "PatchCritic",
+    "PublishedUNet",
+    "PublishedUNetConfig",
     "ResBlock",
     "SelfAttention",
     "SynthesisLoss",

@@ -241,21 +241,93 @@ class UNet3DConfig(BaseModel):
         return 2 ** (len(self.channels) - 1)
 
 
+class PublishedUNetConfig(BaseModel):
+    """Architecture of the thesis authors' published U-net (:mod:`synth7t.nn.published`), read from their
+    settings file by ``synth7t import-thesis`` (their names in brackets).
+
+    ``channels`` [n_channels], ``channel_mult`` [channel_mult], ``n_res`` [n_res_block] residual blocks per level,
+    ``attention_res`` [attention_res]: the down-sampling factors (1, 2, 4, ...) whose levels get a transformer
+    block after each residual block, ``n_groups`` [num_groups], ``n_heads`` (their class's default: 1),
+    ``mid_attention`` [use_mid_attention], ``adadm`` [use_ada], ``initial_down`` [use_initial_down],
+    ``in_slices`` [n_in_slices], ``context_dim`` [c_dim] and ``conditions`` [conditions]: the covariate tokens, in
+    the order the authors' code fills them (``Age``, ``Sex`` (1 = F), ``Diagnostic`` (1 = cognitively normal or
+    SCD), ``position``). ``n_slices_position`` [n_slices]: the divisor of the slice-position covariate
+    ``2 (j - mid) / n_slices_position``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["thesis_published"] = "thesis_published"
+    in_slices: int = Field(3, ge=1)
+    channels: int = Field(256, ge=1)
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    n_res: int = Field(3, ge=1)
+    attention_res: tuple[int, ...] = (4, 8)
+    n_groups: int = Field(64, ge=1)
+    n_heads: int = Field(1, ge=1)
+    mid_attention: bool = True
+    adadm: bool = True
+    initial_down: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    context_dim: int = Field(1, ge=1)
+    conditions: tuple[str, ...] = ("Sex", "Age", "position")
+    n_slices_position: int = Field(244, ge=1)
+
+    @field_validator("conditions")
+    @classmethod
+    def _conditions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [c for c in v if c not in PUBLISHED_CONDITIONS]
+        if unknown or not v:
+            raise ValueError(f"conditions must be some of {', '.join(PUBLISHED_CONDITIONS)}, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PublishedUNetConfig:
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult) or self.channel_mult[0] != 1:
+            raise ValueError(f"channel_mult must be positive integers starting with 1, got {self.channel_mult}")
+        for ch in {self.channels * m for m in self.channel_mult}:
+            if ch % self.n_groups:
+                raise ValueError(f"{ch} channels are not divisible by num_groups = {self.n_groups}")
+            if ch % self.n_heads:
+                raise ValueError(f"{ch} channels cannot be split into {self.n_heads} heads")
+        return self
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(self.channels * m for m in self.channel_mult)
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W of the input must be multiples of this (the authors' padding pads them to it)."""
+        return 2 ** (len(self.channel_mult) - 1 + int(self.initial_down))
+
+    @property
+    def context_tokens(self) -> int:
+        return len(self.conditions)
+
+
+#: The covariates the authors' code knows, in the order its training data stored them.
+PUBLISHED_CONDITIONS = ("Age", "Sex", "Diagnostic", "position")
+
+
 def generator_kind(value: Any) -> str:
     """The architecture kind of a model section (dict or config object); absent = the 2.5D ``unet``."""
     return value.get("kind", "unet") if isinstance(value, dict) else getattr(value, "kind", "unet")
 
 
 #: The ``model.kind`` values this version builds: the tags of :data:`GeneratorConfig`, in its order.
-GENERATOR_KINDS = ("unet", "unet3d")
-#: A generator's settings: ``model.kind`` ``unet`` (or absent; 2.5D, :class:`UNetConfig`) or ``unet3d``.
+GENERATOR_KINDS = ("unet", "unet3d", "thesis_published")
+#: A generator's settings: ``model.kind`` ``unet`` (or absent; 2.5D, :class:`UNetConfig`), ``unet3d`` or
+#: ``thesis_published`` (the authors' published network, :class:`PublishedUNetConfig`).
 GeneratorConfig = Annotated[
-    Annotated[UNetConfig, Tag(GENERATOR_KINDS[0])] | Annotated[UNet3DConfig, Tag(GENERATOR_KINDS[1])],
+    Annotated[UNetConfig, Tag(GENERATOR_KINDS[0])] | Annotated[UNet3DConfig, Tag(GENERATOR_KINDS[1])]
+    | Annotated[PublishedUNetConfig, Tag(GENERATOR_KINDS[2])],
     Discriminator(generator_kind),
 ]
 _GENERATOR = TypeAdapter(GeneratorConfig)
 
 
-def generator_config(data: dict | UNetConfig | UNet3DConfig) -> UNetConfig | UNet3DConfig:
+def generator_config(data: dict | UNetConfig | UNet3DConfig | PublishedUNetConfig
+                     ) -> UNetConfig | UNet3DConfig | PublishedUNetConfig:
     """A model section (``config.json["model"]``) -> its validated config, by ``kind`` (ValueError if bad)."""
     return _GENERATOR.validate_python(data)

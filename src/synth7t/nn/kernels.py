@@ -249,7 +249,7 @@ def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, with_std: bool = False)
     (``torch.std`` was a fifth of the U-net's CPU time). The statistics have the precision of ``x``'s dtype (bf16
     under autocast: ~0.5 %, like the activations).
     """
-    if x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type):
+    if x.device.type not in ("cpu", "meta") and torch.is_autocast_enabled(x.device.type):
         x = x.float()  # CUDA autocast runs group_norm in float32; calling the op directly bypasses autocast
     if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
         out, _, _, std = _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, with_std)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from synth7t.nn.config import UNet3DConfig, UNetConfig, generator_config
+from synth7t.nn.config import PublishedUNetConfig, UNet3DConfig, UNetConfig, generator_config
 
 
 class UNet3D(nn.Module):
@@ -49,11 +49,15 @@ class UNet3D(nn.Module):
         return y if self.training else y.clamp(0.0, 1.0)
 
 
-def build_generator(cfg: UNetConfig | UNet3DConfig | dict) -> nn.Module:
+def build_generator(cfg: UNetConfig | UNet3DConfig | PublishedUNetConfig | dict) -> nn.Module:
     """The generator of a model config (or of a ``config.json["model"]`` dict): :class:`UNet` or :class:`UNet3D`."""
     cfg = generator_config(cfg) if isinstance(cfg, dict) else cfg
     if isinstance(cfg, UNet3DConfig):
         return UNet3D(cfg)
+    if isinstance(cfg, PublishedUNetConfig):
+        from synth7t.nn.published import PublishedUNet
+
+        return PublishedUNet(cfg)
     from synth7t.nn.unet import UNet
 
     return UNet(cfg)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synth7t.errors import InputError
 from synth7t.io import Volume
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,14 @@ def grid_for_zooms(vol: Volume, zooms: float | tuple[float, float, float]) -> tu
 
 
 def resample_to(vol: Volume, target: Volume | float | tuple[float, float, float] | tuple[tuple, np.ndarray],
-                order: int = 1, *, antialias: bool = True) -> Volume:
+                order: int = 1, *, antialias: bool = True, world: np.ndarray | None = None) -> Volume:
     """Resample ``vol`` onto a target grid: a Volume (its shape and affine), ``(shape, affine)``, or voxel
     size(s) in mm (same field of view, :func:`grid_for_zooms`).
 
-    Each target voxel ``i`` reads ``vol`` at ``inv(A_src) @ A_tgt @ i`` (spline order ``order``: 0 nearest for
-    masks, 1 linear). Outside the source field of view the value is 0. With ``antialias`` and ``order >= 1``,
+    Each target voxel ``i`` reads ``vol`` at ``inv(A_src) @ W @ A_tgt @ i`` (spline order ``order``: 0 nearest for
+    masks, 1 linear), where ``W`` (``world``, default the identity) is a 4x4 map of RAS+ mm points from the
+    target's space to the source's (a registration's result: one resampling however many transforms were
+    composed into it). Outside the source field of view the value is 0. With ``antialias`` and ``order >= 1``,
     a downsampling first blurs the source with a Gaussian of ``sigma = sqrt(max(0, t^2 - s^2)) / 2.355``
     (target/source voxel sizes in mm, per axis) so that it does not alias.
     """
@@ -93,7 +96,7 @@ def resample_to(vol: Volume, target: Volume | float | tuple[float, float, float]
         sigma_mm = np.sqrt(np.maximum(0.0, tz**2 - vol.zooms**2)) / 2.355
         if np.any(sigma_mm > 0.05 * vol.zooms):
             data = gaussian_filter(data, sigma_mm / vol.zooms)
-    m = np.linalg.inv(vol.affine) @ aff
+    m = np.linalg.inv(vol.affine) @ (np.eye(4) if world is None else np.asarray(world, float)) @ aff
     out = affine_transform(data, m[:3, :3], m[:3, 3], output_shape=tuple(shape), order=order,
                            mode="constant", cval=0.0, prefilter=order > 1)
     return Volume(out.astype(np.float32), np.asarray(aff, float).copy(), vol.source)
@@ -136,6 +139,48 @@ def set_threads(threads: int | None) -> None:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
     except ImportError:  # pragma: no cover - SimpleITK is a dependency
         pass
+
+
+def read_itk_affine(path: str | Path) -> np.ndarray:
+    """An ITK/ANTs linear transform file (``.mat``, ``.txt``, ``.tfm``) as a 4x4 map of RAS+ mm points.
+
+    ITK transforms map points of the *fixed* space to the *moving* space, in LPS+ mm; the RAS+ matrix is
+    ``LPS @ M_lps @ LPS``. The matrix is read off the transform by mapping the origin and the three unit points
+    (whatever its type: Euler, similarity, affine, a composite of them) and checked to be affine on a fifth point;
+    a non-linear transform is refused in one line."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: transform file not found")
+    try:
+        tx = sitk.ReadTransform(str(p))
+    except RuntimeError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith("Description")), "")
+        raise InputError(f"{p}: not an ITK transform file ({first or 'unreadable'})") from None
+    if tx.GetDimension() != 3:
+        raise InputError(f"{p}: a {tx.GetDimension()}-D transform; a 3-D one is needed")
+    pts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], float)
+    mapped = np.array([tx.TransformPoint(tuple(map(float, q))) for q in pts])
+    m = np.eye(4)
+    m[:3, 3] = mapped[0]
+    m[:3, :3] = (mapped[1:] - mapped[0]).T
+    probe = np.array([37.0, -21.0, 53.0])
+    if not np.allclose(tx.TransformPoint(tuple(probe)), m[:3, :3] @ probe + m[:3, 3], atol=1e-4):
+        raise InputError(f"{p}: not a linear (affine) transform")
+    return LPS @ m @ LPS
+
+
+def write_itk_affine(matrix_ras: np.ndarray, path: str | Path) -> Path:
+    """Write a 4x4 RAS+ point map as an ITK affine transform file (the inverse of :func:`read_itk_affine`)."""
+    import SimpleITK as sitk
+
+    m = LPS @ np.asarray(matrix_ras, float) @ LPS
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(tuple(float(v) for v in m[:3, :3].ravel()))
+    tx.SetTranslation(tuple(float(v) for v in m[:3, 3]))
+    sitk.WriteTransform(tx, str(path))
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
