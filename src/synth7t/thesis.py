@@ -95,8 +95,10 @@ def published_config(params: dict, source: str | Path = "params") -> PublishedUN
             context_dim=params["c_dim"], conditions=tuple(params["conditions"]),
             n_slices_position=params["n_slices"])
     except (ValueError, TypeError) as exc:
-        first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        raise InputError(f"{source}: {first[1] if len(first) > 1 else first[0]}") from None
+        errors = exc.errors() if hasattr(exc, "errors") else []  # pydantic: the first error, its field and message
+        what = (f"{'.'.join(map(str, errors[0]['loc'])) or 'settings'}: {errors[0]['msg']}" if errors
+                else str(exc).splitlines()[0])
+        raise InputError(f"{source}: {what.replace('Value error, ', '')}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

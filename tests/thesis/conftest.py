@@ -103,3 +103,11 @@ def imported_model(authors_files, tmp_path_factory):
     f = authors_files
     return import_thesis(f["checkpoint"], f["params"], f["template_7t"], out, template_3t=f["template_3t"],
                          template_affine=f["affine"])
+
+
+@pytest.fixture(scope="session")
+def thesis():
+    """This module's helpers (tests run with --import-mode=importlib: a test cannot import its conftest)."""
+    import sys
+
+    return sys.modules[__name__]
