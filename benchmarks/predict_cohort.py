@@ -8,7 +8,7 @@ its own subprocess (so that peak RSS is its own):
 
 * ``sequential``: ``--workers 0``, every scan loaded, preprocessed and predicted in one process, one after another;
 * ``pipelined``: ``--workers W``: the next scans are preprocessed in W worker processes while the network predicts
-  the current one (:mod:`synth7t.prefetch`).
+  the current one (:mod:`synth7t.inference.prefetch`).
 
 Printed: wall seconds, scans/hour, the ratio pipelined / sequential, peak RSS of the main process and the largest
 of its workers (``ru_maxrss`` of self and children; their sum bounds the total), and how far the two modes'

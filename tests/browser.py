@@ -99,3 +99,18 @@ def artifact_dir() -> Path:
     path = Path(os.environ.get("SYNTH7T_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+DOCS_SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "assets" / "screenshots"
+
+
+def screenshot(target, name: str, **kwargs) -> Path:
+    """Screenshot of a page or locator into :func:`artifact_dir`; with ``SYNTH7T_DOCS_SCREENSHOTS=1`` also into the
+    documentation site's ``docs/assets/screenshots/`` (how the site's screenshots are made: run the page tests
+    with it set, then commit the images)."""
+    path = artifact_dir() / name
+    target.screenshot(path=str(path), **kwargs)
+    if os.environ.get("SYNTH7T_DOCS_SCREENSHOTS", "") not in ("", "0"):
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DOCS_SCREENSHOTS / name)
+    return path

@@ -369,7 +369,7 @@ def predict(
         raise ConfigError(f"--workers {workers}: expected 0 or more")
     query = None
     if bids is not None:
-        from synth7t.bids import BidsQuery
+        from synth7t.inference.bids import BidsQuery
 
         query = BidsQuery(bids, participant_label or [], session or [])
     opts = PredictOptions(preprocessed=preprocessed, age=age, sex=sex, diagnosis=diagnosis, tta=tta,

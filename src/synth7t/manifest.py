@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synth7t.errors import ManifestError
+from synth7t.errors import InputError, ManifestError
 
 REQUIRED_COLUMNS = ("subject", "t3")
 KNOWN_COLUMNS = ("subject", "t3", "t7", "age", "sex", "diagnosis", "min_slice", "exclude", "session", "scan",
@@ -115,6 +115,17 @@ def parse_diagnosis(value: str | None) -> str | None:
         known = ", ".join(sorted(DIAGNOSIS_GROUPS))
         raise ValueError(f"unknown diagnosis {value!r} (known: {known})")
     return key
+
+
+def option_covariates(opts) -> dict:
+    """``{"age", "sex", "diagnosis"}`` given as options (``opts``: anything with ``age``, ``sex`` and ``diagnosis``
+    attributes, e.g. :class:`synth7t.inference.PredictOptions`) for every input that does not give its own, parsed;
+    :class:`InputError` for a value that cannot be read."""
+    try:
+        return {"age": parse_age(None if opts.age is None else str(opts.age)), "sex": parse_sex(opts.sex),
+                "diagnosis": parse_diagnosis(opts.diagnosis)}
+    except ValueError as exc:
+        raise InputError(f"covariates: {exc}") from None
 
 
 def _parse_bool(value: str | None) -> bool:

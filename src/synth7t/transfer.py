@@ -35,11 +35,11 @@ from synth7t.demo import (
     TISSUE_7T,
     DemoSpec,
     Physics3T,
-    _sample,
     draw_physics_3t,
     load_template,
     render_pair,
 )
+from synth7t.demo.geometry import sample_at
 from synth7t.errors import InputError
 from synth7t.io import Volume, load_volume, read_json, save_volume, to_canonical, write_json, write_text
 from synth7t.manifest import Subject, write_manifest
@@ -168,7 +168,7 @@ def build_transfer_cohort(out: str | Path, highres: str | Path | None = None, *,
                     anatomy = anatomy_from_brain(brain, mask, keeps_csf, reference, spec)
                 rng = np.random.default_rng([seed, b, r])
                 physics, outside = RECIPES[recipe](draw_physics_3t(rng, spec), rng)
-                sim = render_pair(lambda w, vol=anatomy: _sample(vol, w), spec, physics, TISSUE_7T, center, rng,
+                sim = render_pair(lambda w, vol=anatomy: sample_at(vol, w), spec, physics, TISSUE_7T, center, rng,
                                   {"corrupt_cerebellum": False, "motion_7t": False})
                 save_volume(paths["t7"], sim["t7"], dtype=np.int16)
                 save_volume(paths["t3"], sim["t3"], dtype=np.int16)

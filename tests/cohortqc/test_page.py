@@ -30,7 +30,7 @@ def test_page_sorts_filters_and_lazy_loads(fake_out, chromium, browser_helper):
     # every thumbnail is a lazy <img> of a separate file
     srcs = page.eval_on_selector_all("#qc img", "imgs => imgs.map(i => [i.loading, i.getAttribute('src')])")
     assert len(srcs) == 11 and all(lazy == "lazy" and src.endswith(".png") for lazy, src in srcs)
-    page.screenshot(path=str(browser_helper.artifact_dir() / "cohort_qc.png"), full_page=True)
+    browser_helper.screenshot(page, "cohort_qc.png", full_page=True)
     # sort by brain volume: ascending; a second click: descending
     page.click("th:nth-child(5) button")
     numbers = [float(v) for v in _column(page, 4)]
@@ -54,7 +54,7 @@ def test_page_sorts_filters_and_lazy_loads(fake_out, chromium, browser_helper):
                                         ".map(r => r.cells[0].dataset.v)")
     assert sorted(visible) == ["big", "empty", "leak", "nan", "noprov"]
     assert page.locator("#shown").inner_text() == "showing 5 of 11"
-    page.screenshot(path=str(browser_helper.artifact_dir() / "cohort_qc_flagged.png"), full_page=True)
+    browser_helper.screenshot(page, "cohort_qc_flagged.png", full_page=True)
     assert errors == []
 
 

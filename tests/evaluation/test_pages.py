@@ -2,7 +2,8 @@
 
 A small synthetic cohort is reported; ``index.html`` must load without console errors, show its tables and
 figures and escape user text; ``viewer.html`` must draw a brain in each of its three linked canvases.
-Screenshots are kept in ``browser_helper.artifact_dir()``.
+Screenshots are kept in ``browser_helper.artifact_dir()`` (and, for the documentation site, see
+``browser_helper.screenshot``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _png_array(png: bytes) -> np.ndarray:
 
 def test_report_page(report, chromium, browser_helper):
     page, errors = chromium.open_page(report, width=1440, height=900)
-    page.screenshot(path=str(browser_helper.artifact_dir() / "report.png"), full_page=True)
+    browser_helper.screenshot(page, "report.png", full_page=True)
     assert errors == []
     assert page.locator("h1").inner_text() == TITLE and page.title() == TITLE
     assert page.locator(".banner").count() == 1
@@ -71,7 +72,7 @@ def test_viewer_page_draws_the_brain(report, chromium, browser_helper):
     page, errors = chromium.open_page(report.with_name("viewer.html"), width=1200, height=500)
     page.wait_for_selector("body[data-ready='1']", timeout=60_000)
     page.wait_for_timeout(500)  # let NiiVue draw the frame after the last volume loaded
-    page.screenshot(path=str(browser_helper.artifact_dir() / "viewer.png"))
+    browser_helper.screenshot(page, "viewer.png")
     assert errors == []
     assert page.locator("#status").inner_text() == ""
     for i in range(3):  # 3T input, synthetic 7T, real 7T

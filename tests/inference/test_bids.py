@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from synth7t.bids import BidsQuery, collect_bids, derivative_name, find_t1w
 from synth7t.errors import InputError
 from synth7t.inference import PredictOptions, predict
+from synth7t.inference.bids import BidsQuery, collect_bids, derivative_name, find_t1w
 
 SCANS = ("sub-01/anat/sub-01_T1w.nii.gz", "sub-02/ses-1/anat/sub-02_ses-1_acq-mp2_run-1_T1w.nii.gz",
          "sub-02/ses-2/anat/sub-02_ses-2_T1w.nii.gz")

@@ -12,7 +12,7 @@ import pytest
 
 from synth7t.inference import PredictOptions, predict
 from synth7t.manifest import Subject
-from synth7t.preprocess.pipeline import select_shard
+from synth7t.parallel import select_shard
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
@@ -56,7 +56,7 @@ def test_pipelined_outputs_equal_sequential_and_failures_stay_per_scan(tiny_mode
     runs = {}
     for workers in (0, 1):
         opts = PredictOptions(skullstrip="threshold", n4="none", tta=True, resample_to_input=True, workers=workers)
-        with caplog.at_level("INFO", logger="synth7t.prefetch"):
+        with caplog.at_level("INFO", logger="synth7t.inference.prefetch"):
             runs[workers] = predict(tiny_model, inputs, tmp_path / f"w{workers}", opts, progress=False)
         assert ("preprocessing in 1 worker process(es)" in caplog.text) == (workers == 1)
     for res in runs.values():

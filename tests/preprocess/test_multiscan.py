@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from synth7t.manifest import Subject, pseudonym
+from synth7t.parallel import select_shard
 from synth7t.preprocess import multiscan
-from synth7t.preprocess.pipeline import preprocess, select_shard
+from synth7t.preprocess.pipeline import preprocess
 
 FAST = {"skullstrip": "threshold", "fast": True, "registration_resolution_mm": 3.0, "progress": False,
         "registration_transform": "Affine"}

@@ -9,8 +9,9 @@ import pytest
 
 from synth7t.errors import ConfigError
 from synth7t.manifest import Subject, pseudonym
+from synth7t.parallel import select_shard
 from synth7t.preprocess.anonymize import default_key_file, round_age
-from synth7t.preprocess.pipeline import PreprocessConfig, preprocess, select_shard
+from synth7t.preprocess.pipeline import PreprocessConfig, preprocess
 
 FAST = {"skullstrip": "threshold", "fast": True, "registration_resolution_mm": 3.0, "progress": False,
         "registration_transform": "Affine", "output_resolution_mm": 1.5}  # SyN itself is tested in test_register.py

@@ -4,7 +4,8 @@
   :func:`dice_label_boxplot`: the per-label DICE values per method.
 * :func:`montage`: 3T | synthetic 7T | real 7T | absolute difference of one subject, in three planes and two
   zoom boxes; :func:`histogram_panel`: brain intensity histograms of one subject (thesis figures 39-40).
-* :func:`subject_figures`: the montages and the histogram figure of a cohort, reading one subject at a time.
+* :func:`subject_figures`: the montages and the histogram figure of a cohort, from its subjects' arrays (an
+  iterable: the caller can load one subject at a time, as :mod:`~synth7t.evaluation.report` does).
 
 Montage zoom boxes (a heuristic, no atlas): with the brain's bounding box along each canonical RAS axis
 scaled to [0, 1] (0 = left / posterior / inferior), the *hippocampus* view is the coronal slice at 45 % from
@@ -19,14 +20,12 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from synth7t.dataset.cropnorm import crop_box
 from synth7t.evaluation.baselines import METHOD_LABELS
-from synth7t.evaluation.evaluate import load_subject
 from synth7t.evaluation.metrics import TABLE_COLUMNS
 from synth7t.evaluation.stats import finite, methods_of
 
@@ -34,6 +33,7 @@ HIPPOCAMPUS_BOX = {"slice_y": 0.45, "x": (0.15, 0.47), "z": (0.22, 0.52)}
 CEREBELLUM_BOX = {"slice_x": 0.38, "y": (0.0, 0.38), "z": (0.0, 0.40)}
 MAX_MONTAGES = 12
 MAX_HISTOGRAMS = 12
+MAX_SUBJECTS = max(MAX_MONTAGES, MAX_HISTOGRAMS)  # subjects drawn at most
 SHORT_LABELS = {"histmatch_population": "hist. matched", "histmatch_oracle": "oracle", "model": "model"}
 """Tick labels of the boxplots where the method's label is too long (others: its label up to " (")."""
 
@@ -178,20 +178,27 @@ def histogram_panel(ax, subject: str, t3n: np.ndarray, pred: np.ndarray, t7n: np
     ax.set_xlabel("clipped min-max intensity", fontsize=8)
 
 
-def subject_figures(images: Mapping[str, Mapping[str, Any]], lower_pct: float, upper_pct: float):
-    """Montages (up to MAX_MONTAGES) and one histogram figure, loading one subject at a time."""
-    subjects = list(images)[: max(MAX_MONTAGES, MAX_HISTOGRAMS)]
+def subject_figures(subjects: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                    n_subjects: int):
+    """Montages (up to MAX_MONTAGES) and one histogram figure (up to MAX_HISTOGRAMS panels).
+
+    ``subjects``: ``(subject, t3n, pred, t7n, mask, zooms)`` per subject, the images on one grid in clipped min-max
+    units (:func:`synth7t.evaluation.images.load_subject`); only the first ``MAX_SUBJECTS`` are drawn, and each is
+    let go before the next is taken, so a generator keeps one subject in memory. ``n_subjects``: how many it
+    yields (the histogram figure's layout is made before the first arrives)."""
     montages: list[tuple[str, str]] = []
     hist = None
-    if not subjects:
+    n = min(n_subjects, MAX_SUBJECTS)
+    if not n:
         return montages, hist
-    nh = min(len(subjects), MAX_HISTOGRAMS)
+    nh = min(n, MAX_HISTOGRAMS)
     ncol = min(nh, 4)
     fig, axes = _figure(
         math.ceil(nh / ncol), ncol, figsize=(3.6 * ncol, 2.8 * math.ceil(nh / ncol)), dpi=80, squeeze=False
     )
-    for i, subject in enumerate(subjects):
-        t3n, pred, t7n, mask, zooms = load_subject(images[subject], lower_pct, upper_pct)
+    for i, (subject, t3n, pred, t7n, mask, zooms) in enumerate(subjects):
+        if i >= n:
+            break
         if pred.shape != mask.shape or t3n.shape != mask.shape:
             raise ValueError(f"{subject}: images are not on one grid ({t3n.shape}, {pred.shape}, {mask.shape})")
         if i < nh:

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from synth7t.evaluation.baselines import METHOD_LABELS, MODEL
-from synth7t.evaluation.figures import boxplots, dice_label_boxplot, subject_figures
+from synth7t.evaluation.figures import MAX_SUBJECTS, boxplots, dice_label_boxplot, subject_figures
+from synth7t.evaluation.images import load_subject
 from synth7t.evaluation.metrics import TABLE_COLUMNS
 from synth7t.evaluation.stats import MIN_WILCOXON_N, SUMMARY_KEYS, describe, methods_of, paired_comparison, summarize
 from synth7t.evaluation.viewer import bundle_available, write_viewer
@@ -78,7 +79,8 @@ def write_report(
     comparison = paired_comparison(records) if any(r["method"] == MODEL for r in records) else []
     if comparison:
         write_csv(out / "comparison.csv", comparison)
-    montages, hist = subject_figures(images, lower_pct, upper_pct)
+    shown = list(images)[:MAX_SUBJECTS]  # loaded one at a time, as the figures draw them
+    montages, hist = subject_figures(((s, *load_subject(images[s], lower_pct, upper_pct)) for s in shown), len(shown))
     viewer_name = _maybe_viewer(out, images, lower_pct, upper_pct) if viewer and images else None
     groups = sorted({str(r["group"]) for r in records if r.get("group")})
     extra = {k: v for k, v in (extra_info or {}).items() if k not in ("simulated", "demo")}

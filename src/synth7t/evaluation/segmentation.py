@@ -33,7 +33,7 @@ import numpy as np
 
 from synth7t.errors import Synth7tError
 from synth7t.io import Volume, load_volume, save_volume
-from synth7t.prefetch import usable_cores
+from synth7t.parallel import usable_cores
 
 log = logging.getLogger(__name__)
 

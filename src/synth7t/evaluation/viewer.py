@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from synth7t.dataset.cropnorm import crop_box
-from synth7t.evaluation.evaluate import load_subject
+from synth7t.evaluation.images import load_subject
 from synth7t.io import write_text
 from synth7t.templating import render
 

@@ -27,23 +27,17 @@ resampled canonical grid, which covers the same world space as the input: the ou
 viewer.
 
 Cohorts (:func:`predict`): the jobs can be a shard of the list (``shard``); steps 1-4 of the next scans run in
-worker processes while the network predicts the current one (:mod:`synth7t.prefetch`); with ``bids``, inputs and
-outputs follow BIDS and BIDS derivatives (:mod:`synth7t.bids`).
+worker processes while the network predicts the current one (:mod:`synth7t.inference.prefetch`); with ``bids``,
+inputs and outputs follow BIDS and BIDS derivatives (:mod:`synth7t.inference.bids`).
 
 The package: :mod:`~synth7t.inference.predictor` (options, results, the loaded model),
-:mod:`~synth7t.inference.volume` (one scan, steps 1-6) and :mod:`~synth7t.inference.cohort` (many scans).
+:mod:`~synth7t.inference.volume` (one scan, steps 1-6), :mod:`~synth7t.inference.cohort` (many scans),
+:mod:`~synth7t.inference.prefetch` (preprocessing workers) and :mod:`~synth7t.inference.bids` (BIDS in and out).
 Everything a caller needs is importable from ``synth7t.inference``; nothing here imports Lightning or
 ``synth7t.training``.
 """
 
-from synth7t.inference.cohort import (
-    PlainLayout,
-    collect_inputs,
-    failure_message,
-    option_covariates,
-    predict,
-    provenance,
-)
+from synth7t.inference.cohort import PlainLayout, collect_inputs, predict, provenance
 from synth7t.inference.predictor import (
     OUTPUT_NAME,
     RUN_TIME_OPTIONS,
@@ -52,6 +46,7 @@ from synth7t.inference.predictor import (
     PredictResult,
     PrepSpec,
 )
+from synth7t.inference.prefetch import failure_message
 from synth7t.inference.volume import (
     DEFAULT_STEPS,
     finish_prediction,
@@ -61,6 +56,7 @@ from synth7t.inference.volume import (
     prepare_scan,
     resolve_steps,
 )
+from synth7t.manifest import option_covariates  # re-exported: where covariates given as options are parsed
 
 __all__ = [
     "DEFAULT_STEPS", "OUTPUT_NAME", "RUN_TIME_OPTIONS", "PlainLayout", "PredictOptions", "PredictResult", "Predictor",

@@ -1,6 +1,6 @@
 """Many scans: collect the inputs (files, folders, manifests, BIDS), shard them, prefetch their preprocessing in
-workers (:mod:`synth7t.prefetch`), predict each, write its outputs atomically in the plain or BIDS layout with
-provenance last, and keep going when one scan fails."""
+workers (:mod:`synth7t.inference.prefetch`), predict each, write its outputs atomically in the plain or BIDS
+layout with provenance last, and keep going when one scan fails."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import torch
 from synth7t import __version__
 from synth7t.errors import InputError, Synth7tError
 from synth7t.inference.predictor import OUTPUT_NAME, RUN_TIME_OPTIONS, PredictOptions, Predictor, PredictResult
+from synth7t.inference.prefetch import default_workers, failure_message, prefetched
 from synth7t.inference.volume import finish_prediction, on_input_grid, resolve_steps
 from synth7t.io import is_nifti_path, nifti_stem, save_volume, write_json
-from synth7t.manifest import Subject
+from synth7t.manifest import Subject, option_covariates
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,6 @@ def collect_inputs(inputs: list[str | Path], opts: PredictOptions) -> list[Subje
     if dupes:
         raise InputError(f"several inputs share the output name(s) {', '.join(dupes)}; predict them separately")
     return jobs
-
-
-def option_covariates(opts: PredictOptions) -> dict:
-    """``{"age", "sex", "diagnosis"}`` given as options (for every input that does not give its own), parsed."""
-    from synth7t.manifest import parse_age, parse_diagnosis, parse_sex
-
-    try:
-        return {"age": parse_age(None if opts.age is None else str(opts.age)), "sex": parse_sex(opts.sex),
-                "diagnosis": parse_diagnosis(opts.diagnosis)}
-    except ValueError as exc:
-        raise InputError(f"covariates: {exc}") from None
 
 
 class PlainLayout:
@@ -92,19 +82,19 @@ class PlainLayout:
 
 def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path | None, out: str | Path,
             opts: PredictOptions | None = None, *, progress: bool = True, bids=None) -> PredictResult:
-    """Predict every input into ``out/<name>/`` (or, with ``bids``, a :class:`synth7t.bids.BidsQuery`, every T1w
-    of a BIDS dataset into the BIDS derivatives dataset ``out``); one failing input does not stop the others.
+    """Predict every input into ``out/<name>/`` (or, with ``bids``, a :class:`synth7t.inference.bids.BidsQuery`,
+    every T1w of a BIDS dataset into the BIDS derivatives dataset ``out``); one failing input does not stop the
+    others.
 
     With ``opts.shard = (k, n)`` only every n-th job (sorted by name) from the k-th is predicted. Scans are
-    preprocessed ahead of the network in ``opts.workers`` processes (:mod:`synth7t.prefetch`).
+    preprocessed ahead of the network in ``opts.workers`` processes (:mod:`synth7t.inference.prefetch`).
     """
-    from synth7t.prefetch import default_workers, prefetched
-    from synth7t.preprocess.pipeline import select_shard
+    from synth7t.parallel import select_shard
     from synth7t.progress import progress_bar
 
     opts = opts or PredictOptions()
     if bids is not None:
-        from synth7t.bids import BidsLayout, collect_bids
+        from synth7t.inference.bids import BidsLayout, collect_bids
 
         jobs, layout = collect_bids(bids, opts), BidsLayout(bids.root, out)
     else:
@@ -166,12 +156,6 @@ def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path | None,
 
 class _PreparationFailed(Synth7tError):
     """Loading or preprocessing a scan failed (inline or in a worker); the message is already formatted."""
-
-
-def failure_message(exc: BaseException) -> str:
-    """One line for a failed scan: a user error's message, else the exception's type and first line."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return text if isinstance(exc, Synth7tError) else f"{type(exc).__name__}: {text}"
 
 
 def _predict_job(predictor: Predictor, job: Subject, layout, opts: PredictOptions, prep: dict) -> Path:

@@ -130,7 +130,7 @@ def prepare_input(vol: Volume, predictor: Predictor | PrepSpec, *, preprocessed:
 
 def prepare_scan(scan: Volume | str | Path, spec: PrepSpec, steps: dict, *, preprocessed: bool,
                  keep_input: bool = True) -> dict:
-    """The CPU half of a prediction, the same inline or in a preprocessing worker (:mod:`synth7t.prefetch`):
+    """The CPU half of a prediction, the same inline or in a preprocessing worker (:mod:`synth7t.inference.prefetch`):
     load ``scan`` (a path) or take it loaded, reorient it to canonical and :func:`prepare_input` it with the
     resolved ``steps``. ``keep_input``: keep the canonical input (for ``resample_to_input``)."""
     t0 = time.perf_counter()

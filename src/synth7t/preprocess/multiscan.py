@@ -1,8 +1,9 @@
 """Several 3T scans of one person paired with the same 7T (issue 16, "many 3T per 7T").
 
 A subject whose manifest rows carry a ``session`` (or ``scan``) label is processed here instead of by
-``pipeline.process_subject``. The 7T (the expensive part: two N4 passes at 0.65 mm) is processed once per
-subject; every 3T is then registered onto it and becomes its own training pair. Layout (docs/data-layout.md):
+``subject.process_subject`` (the cohort runner, ``pipeline.process_unit``, dispatches). The 7T (the expensive
+part: two N4 passes at 0.65 mm) is processed once per subject; every 3T is then registered onto it and becomes
+its own training pair. Layout (docs/data-layout.md):
 
 ```
 WORK/<pseudonym>/               t7.nii.gz, mask.nii.gz, mask_csf.nii.gz, subject.json (+ "scans"),
@@ -32,7 +33,7 @@ from synth7t.errors import ConfigError, Synth7tError
 from synth7t.io import load_volume, read_json, save_volume, write_json
 from synth7t.manifest import Subject, pseudonym
 from synth7t.preprocess import anonymize, qc
-from synth7t.preprocess.pipeline import (
+from synth7t.preprocess.subject import (
     PreprocessConfig,
     install,
     is_done,

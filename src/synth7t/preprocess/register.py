@@ -22,6 +22,7 @@ import numpy as np
 
 from synth7t.errors import InputError
 from synth7t.io import Volume
+from synth7t.parallel import set_itk_threads as set_threads
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +123,6 @@ def from_ants(img, source: str | None = None) -> Volume:
     a[:3, :3] = np.asarray(img.direction) * np.asarray(img.spacing)
     a[:3, 3] = img.origin
     return Volume(np.asarray(img.numpy(), np.float32), LPS @ a, source)
-
-
-def set_threads(threads: int | None) -> None:
-    """Limit ITK's threads (ANTs and SimpleITK) to ``threads``; ANTs reads the environment variable, once per
-    process (when its ITK first needs a thread count): later changes do not reach it. Preprocessing's workers
-    call this before any ITK work; a registration repeats bit for bit only at one thread."""
-    import os
-
-    if not threads:
-        return
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
-    try:
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
-    except ImportError:  # pragma: no cover - SimpleITK is a dependency
-        pass
 
 
 def read_itk_affine(path: str | Path) -> np.ndarray:

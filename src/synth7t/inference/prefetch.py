@@ -2,36 +2,32 @@
 
 While the network predicts scan *i* in the main process, ``workers`` processes (``spawn`` context, safe with torch)
 load, reorient, bias-correct, skull-strip and resample scans *i+1, i+2, ...* with
-:func:`synth7t.inference.prepare_scan`, the very function the main process runs itself with ``workers=0``: one code
-path, so a pipelined prediction equals a sequential one bit for bit where preprocessing does not depend on the
+:func:`synth7t.inference.volume.prepare_scan`, the very function the main process runs itself with ``workers=0``:
+one code path, so a pipelined prediction equals a sequential one bit for bit where preprocessing does not depend on the
 thread count (ITK's N4 does, at float rounding: 3e-7 relative between 1 and 2 threads). At most ``workers + 1``
 scans are in flight, so memory stays bounded however long the cohort. Results come back in job order. A scan whose
 preprocessing fails (in a worker or inline) is reported with its one-line reason and the others go on; a worker
 that dies (out of memory, killed) fails the scan it was given first and a fresh pool takes over the rest.
 
 Worker threads: each worker gets ``(usable cores - threads of the main process) / workers`` threads (at least one)
-for torch, OpenMP and ITK, set in the pool's initializer, so that workers do not fight the network for cores.
+for torch, OpenMP and ITK, set in the pool's initializer (:func:`synth7t.parallel.worker_init`), so that workers
+do not fight the network for cores.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import traceback
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+from synth7t.errors import Synth7tError
+from synth7t.inference.volume import prepare_scan
+from synth7t.parallel import spawn_pool, usable_cores
+
 log = logging.getLogger(__name__)
 MAX_AUTO_WORKERS = 4
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a SLURM job's CPU set, taskset), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def default_workers(n_jobs: int, device_type: str) -> int:
@@ -58,11 +54,14 @@ def worker_threads(workers: int, device_type: str) -> int:
     return max(1, (usable_cores() - main) // workers)
 
 
-def _prepare(path: Path, spec, steps: dict, preprocessed: bool, keep_input: bool) -> tuple[dict | None, str | None]:
-    """Run :func:`synth7t.inference.prepare_scan`; never raises: ``(prep, None)`` or ``(None, one-line reason)``."""
-    from synth7t.errors import Synth7tError
-    from synth7t.inference import failure_message, prepare_scan
+def failure_message(exc: BaseException) -> str:
+    """One line for a failed scan: a user error's message, else the exception's type and first line."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text if isinstance(exc, Synth7tError) else f"{type(exc).__name__}: {text}"
 
+
+def _prepare(path: Path, spec, steps: dict, preprocessed: bool, keep_input: bool) -> tuple[dict | None, str | None]:
+    """Run :func:`synth7t.inference.volume.prepare_scan`; never raises: ``(prep, None)`` or ``(None, reason)``."""
     try:
         return prepare_scan(path, spec, steps, preprocessed=preprocessed, keep_input=keep_input), None
     except Exception as exc:  # reported per scan; a worker's exception need not be picklable this way
@@ -93,14 +92,9 @@ def prefetched(jobs: list, spec, steps: dict, *, preprocessed: bool, keep_input:
 
 def _run_pool(pending: deque, args: tuple, workers: int, threads: int) -> Iterator[tuple]:
     """Drain ``pending`` through one pool; returns early (leaving the rest in ``pending``) when the pool breaks."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    from synth7t.preprocess.pipeline import _worker_init
-
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(threads,))
+    pool = spawn_pool(workers, threads)
     in_flight: deque = deque()
     try:
         while pending or in_flight:

@@ -33,7 +33,15 @@ from pathlib import Path
 from synth7t import __version__
 from synth7t.errors import InputError
 from synth7t.io import nifti_stem, read_json, write_json, write_text
-from synth7t.manifest import Subject, _entities, _participants, parse_age, parse_diagnosis, parse_sex
+from synth7t.manifest import (
+    Subject,
+    _entities,
+    _participants,
+    option_covariates,
+    parse_age,
+    parse_diagnosis,
+    parse_sex,
+)
 
 log = logging.getLogger(__name__)
 BIDS_VERSION = "1.10.0"
@@ -103,8 +111,6 @@ def find_t1w(query: BidsQuery) -> list[Path]:
 
 def collect_bids(query: BidsQuery, opts) -> list[Subject]:
     """BIDS T1w scans -> jobs named by file (``sub-01_ses-1_T1w``), with covariates; ``opts``'s fill gaps."""
-    from synth7t.inference import option_covariates
-
     default = option_covariates(opts)
     table = _participants(query.root)
     jobs, seen = [], set()
