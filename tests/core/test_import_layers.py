@@ -26,11 +26,11 @@ PACKAGE = REPO / "src" / "synth7t"
 # layer -> the modules and packages in it (names relative to synth7t; a package covers all its modules);
 # the same lists as docs/architecture.md, "Layers (who may import whom)"
 LAYERS: dict[int, tuple[str, ...]] = {
-    1: ("", "errors", "io", "manifest", "intensity", "progress", "templating", "devices", "parallel"),
+    1: ("", "errors", "io", "manifest", "intensity", "progress", "templating", "devices", "parallel", "torchfile"),
     2: ("preprocess",),
     3: ("dataset",),
     4: ("nn", "config", "presets"),
-    5: ("model_folder",),
+    5: ("model_folder", "thesis"),
     6: ("training", "tuning"),
     7: ("inference", "cohortqc"),
     8: ("evaluation",),

@@ -48,6 +48,7 @@ BIDS_VERSION = "1.10.0"
 PIPELINE = "synth7t"
 PATTERNS = ("sub-*/anat/*_T1w.nii", "sub-*/anat/*_T1w.nii.gz", "sub-*/ses-*/anat/*_T1w.nii",
             "sub-*/ses-*/anat/*_T1w.nii.gz")
+TEMPLATE_OUTPUTS = ("syn7t", "mask", "uncertainty")  # also written on a template model's grid (space- entity)
 OUTPUTS = {  # output key -> (desc, suffix, description)
     "syn7t": ("synth7T", "T1w", "Synthetic 7T-like T1w brain predicted by synth7t from the source 3T T1w scan"),
     "mask": ("brain", "mask", "Brain mask of the prediction (1 = brain), on the grid of the synthetic T1w"),
@@ -134,10 +135,10 @@ def collect_bids(query: BidsQuery, opts) -> list[Subject]:
     return jobs
 
 
-def derivative_name(source: str, desc: str, suffix: str) -> str:
-    """``sub-01_ses-1_acq-mp_T1w.nii.gz`` -> ``sub-01_ses-1_acq-mp_desc-<desc>_<suffix>.nii.gz``."""
-    entities = [f"{k}-{v}" for k, v in _entities(source).items() if k not in ("suffix", "desc")]
-    return "_".join([*entities, f"desc-{desc}", suffix]) + ".nii.gz"
+def derivative_name(source: str, desc: str, suffix: str, space: str | None = None) -> str:
+    """``sub-01_ses-1_acq-mp_T1w.nii.gz`` -> ``sub-01_ses-1_acq-mp[_space-<space>]_desc-<desc>_<suffix>.nii.gz``."""
+    entities = [f"{k}-{v}" for k, v in _entities(source).items() if k not in ("suffix", "desc", "space")]
+    return "_".join([*entities, *([f"space-{space}"] if space else []), f"desc-{desc}", suffix]) + ".nii.gz"
 
 
 def sidecar(path: Path) -> Path:
@@ -149,9 +150,11 @@ class BidsLayout:
 
     def __init__(self, raw: str | Path, deriv: str | Path):
         self.raw, self.deriv = Path(raw), Path(deriv)
+        self.space: str | None = None  # a template model's grid: its outputs there carry a space- entity
 
     def begin(self, predictor, opts) -> None:
         """Check that ``deriv`` is not the raw dataset nor another pipeline's; write dataset_description.json."""
+        self.space = predictor.template["name"] if getattr(predictor, "template", None) else None
         if self.deriv.resolve() == self.raw.resolve():
             raise InputError(f"{self.deriv}: the output folder is the raw BIDS dataset; give a derivatives folder "
                              f"such as {self.raw / 'derivatives' / PIPELINE}")
@@ -185,6 +188,9 @@ class BidsLayout:
         rel = Path(job.extra["bids_path"])
         folder = self.deriv / rel.parent
         paths = {key: folder / derivative_name(rel.name, desc, suffix) for key, (desc, suffix, _) in OUTPUTS.items()}
+        if self.space:
+            paths |= {f"{key}_template": folder / derivative_name(rel.name, desc, suffix, self.space)
+                      for key, (desc, suffix, _) in OUTPUTS.items() if key in TEMPLATE_OUTPUTS}
         return {**paths, "record": sidecar(paths["syn7t"])}
 
     def complete(self, job: Subject) -> bool:
@@ -198,8 +204,12 @@ class BidsLayout:
                   "Model": {"sha256": prov["model"]["sha256"], "preset": prov["model"]["preset"]},
                   "PredictionSettings": {**prov["parameters"], "preprocessing": prov["preprocessing"]}}
         for key in sorted(written, key=lambda k: k == "syn7t"):
-            meta = {"Description": OUTPUTS[key][2], **common}
-            if key == "mask":
+            base = key.removesuffix("_template")
+            meta = {"Description": OUTPUTS[base][2], **common}
+            if key != base:  # on the template grid of a template model (its space- entity)
+                meta["Description"] += f", on the model's template grid ({self.space})"
+                meta["SpatialReference"] = f"{self.space}: {prov['template']['file']} of the model folder"
+            if base == "mask":
                 meta["Type"] = "Brain"
             else:
                 meta["SkullStripped"] = True

@@ -205,7 +205,8 @@ def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: di
         "covariates_given": {k: getattr(job, k) is not None for k in ("age", "sex", "diagnosis")},
         "device": str(predictor.device),
         "timings_s": {k: round(v, 2) for k, v in res["timings"].items()},
-        **({"template": {k: predictor.template[k] for k in ("name", "shape", "slice_dim", "voxel_size_mm")},
+        **({"template": {**{k: predictor.template[k] for k in ("name", "shape", "slice_dim", "voxel_size_mm")},
+                         "file": Path(predictor.template["file"]).name},
             "transforms": res["registration"]} if "registration" in res else {}),
         "versions": {"torch": torch.__version__, "numpy": numpy.__version__, "nibabel": nibabel.__version__},
     }

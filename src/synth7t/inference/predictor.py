@@ -86,8 +86,6 @@ class Predictor:
         self.patch3d = int(self.config.get("patch3d") or 64) if self.kind == "unet3d" else None
         self.template = None
         if self.kind == "thesis_published":
-            from synth7t.inference.template import template_paths
-
             self.template = template_paths(self.model_dir, self.config)
         if self.device.type == "cpu" and self.patch3d is None:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -223,6 +221,15 @@ class Predictor:
             y = self.forward(x, c)
             out[batch["slice"]] = y[:, 0].float().clamp(0, 1).cpu().numpy()
         return out
+
+
+def template_paths(model_dir: Path, config: dict) -> dict:
+    """The template record of a model's ``config.json`` with its files as paths in the model folder."""
+    t = dict(config["template"])
+    for key in ("file", "template_3t", "affine_file"):
+        if t.get(key):
+            t[key] = str(Path(model_dir) / t[key])
+    return t
 
 
 def _standardization_record(model_dir, config: dict) -> dict | None:

@@ -47,15 +47,6 @@ def _template(path: str) -> Volume:
     return load_volume(path)
 
 
-def template_paths(model_dir: Path, config: dict) -> dict:
-    """The template record of a model's ``config.json`` with its files as paths in the model folder."""
-    t = dict(config["template"])
-    for key in ("file", "template_3t", "affine_file"):
-        if t.get(key):
-            t[key] = str(Path(model_dir) / t[key])
-    return t
-
-
 def same_grid(a: Volume, shape: tuple[int, ...], affine: np.ndarray) -> bool:
     return tuple(a.shape) == tuple(shape) and np.allclose(a.affine, affine, atol=1e-3)
 
@@ -102,7 +93,7 @@ def published_normalization(data: np.ndarray, lower: float = 1.0, upper: float =
 
 def prepare_template_scan(raw: Volume, canonical: Volume, spec, steps: dict, *, preprocessed: bool) -> dict:
     """The CPU half of a template model's prediction (module docstring, steps 1-3)."""
-    from synth7t.inference.volume import correct_and_strip, on_model_grid
+    from synth7t.inference.steps import correct_and_strip, on_model_grid
     from synth7t.preprocess.register import resample_to
 
     brain, mask, timings = correct_and_strip(canonical, preprocessed=preprocessed,

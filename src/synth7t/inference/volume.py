@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from synth7t.errors import InputError
 from synth7t.inference.predictor import PredictOptions, Predictor, PrepSpec
 from synth7t.io import Volume, load_volume, to_canonical
 
@@ -72,46 +71,13 @@ def resolve_steps(predictor: Predictor, opts: PredictOptions) -> tuple[dict, lis
     return steps, warnings
 
 
-def correct_and_strip(vol: Volume, *, preprocessed: bool, skullstrip: str, n4_preset: str | dict = "3t"
-                      ) -> tuple[Volume, Volume, dict]:
-    """Steps 2 of prediction: (brain, mask, timings). N4 (``n4_preset``: a preset name, N4 parameters or
-    ``"none"``), then skull stripping; a ``preprocessed`` input is its own brain, its mask its non-zero voxels."""
-    timings = {}
-    t0 = time.perf_counter()
-    if preprocessed:
-        from synth7t.preprocess.skullstrip import clean_mask
-
-        return vol, vol.with_data(clean_mask(vol.data > 0).astype(np.float32)), timings
-    from synth7t.preprocess.bias import N4Params, n4
-    from synth7t.preprocess.skullstrip import strip
-
-    params = N4Params(**n4_preset) if isinstance(n4_preset, dict) else n4_preset
-    corrected = vol if params == "none" else n4(vol, params)
-    timings["n4"] = time.perf_counter() - t0
-    mask, _ = strip(corrected, skullstrip)
-    brain = corrected.with_data(corrected.data * (mask.data > 0))
-    timings["skullstrip"] = time.perf_counter() - t0 - timings["n4"]
-    return brain, mask, timings
-
-
-def on_model_grid(vol: Volume, brain: Volume, mask: Volume, voxel_mm) -> tuple[Volume, Volume]:
-    """Step 3: the brain (linear) and its mask (nearest neighbour) on the model's voxel grid over the scan's own
-    canonical frame; one line when no brain is left."""
-    from synth7t.preprocess.register import resample_to
-
-    brain_r = resample_to(brain, voxel_mm, order=1)
-    mask_r = resample_to(mask, (brain_r.shape, brain_r.affine), order=0)
-    if not (mask_r.data > 0).any():
-        raise InputError(f"{vol.source}: no brain left after resampling to {voxel_mm} mm")
-    return brain_r, mask_r
-
-
 def prepare_input(vol: Volume, predictor: Predictor | PrepSpec, *, preprocessed: bool, skullstrip: str,
                   n4_preset: str | dict = "3t", voxel_mm: tuple[float, float, float] | None = None) -> dict:
     """Canonical 3T volume -> brain on the model's grid (``voxel_mm``, default the model's), its mask, the crop
     geometry and the normalized stack. ``n4_preset``: a preset name, N4 parameters, or ``"none"``.
     ``predictor``: the model, or its :class:`PrepSpec` (in a preprocessing worker)."""
     from synth7t.dataset.cropnorm import clipped_minmax, crop_box, crop_pad
+    from synth7t.inference.steps import correct_and_strip, on_model_grid
 
     brain, mask, timings = correct_and_strip(vol, preprocessed=preprocessed, skullstrip=skullstrip,
                                              n4_preset=n4_preset)
