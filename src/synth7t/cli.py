@@ -208,12 +208,21 @@ def pack(
     allow_mixed_preprocessing: Annotated[bool, typer.Option(
         help="Pack subjects preprocessed with different settings (skull strip, N4, registration, voxel size); "
              "refused by default. store.json records which subject had which.")] = False,
+    like: Annotated[Path | None, typer.Option("--like", help="Pack onto the grid of this model folder (an imported "
+                                              "published thesis model: its template, slice axis, normalization "
+                                              "and covariates), to fine-tune it with `train --init`.")] = None,
 ) -> None:
     """Crop, normalize and store preprocessed subjects as float16 memory-mapped slices with splits.
 
     store.json records the preprocessing recipe of the subjects (from their provenance.json); training copies it
     into the model folder and predict applies it by default.
     """
+    if like is not None:
+        from synth7t.thesis import pack_like
+
+        path = pack_like(work, out, like, split=(1 - val - test, val, test), seed=seed, overwrite=overwrite)
+        typer.echo(f"slice store: {path}")
+        return
     from synth7t.dataset.pack import pack as pack_fn
 
     path = pack_fn(work, out, multiple=multiple, seed=seed, split=(1 - val - test, val, test), overwrite=overwrite,

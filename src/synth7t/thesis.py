@@ -369,7 +369,7 @@ def published_model_config(cfg: PublishedUNetConfig, template: dict, source: dic
                     "position": f"2 (j - mid) / {cfg.n_slices_position}", "sex": "1 = F, 0 = M",
                     "diagnostic": "1 = cognitively normal or SCD, 0 = otherwise"},
         "preprocessing": {"skullstrip": "deepbet", "n4_3t": dict(AUTHORS_N4_3T), "registration": "template"},
-        "requires_covariates": _required_covariates(cfg),
+        "requires_covariates": required_covariates(cfg.conditions),
         "training_data": {"source": "BioFINDER-2 3T/7T pairs (the authors' training; not in this folder)",
                           "n_train": source["params"].get("train_size"), "n_test": source["params"].get("test_size"),
                           "simulated": False},
@@ -379,9 +379,10 @@ def published_model_config(cfg: PublishedUNetConfig, template: dict, source: dic
     }
 
 
-def _required_covariates(cfg: PublishedUNetConfig) -> list[str]:
+def required_covariates(conditions) -> list[str]:
+    """The covariates (synth7t names) a published model's ``conditions`` need at prediction."""
     names = {"Age": "age", "Sex": "sex", "Diagnostic": "diagnosis"}
-    return [names[c] for c in cfg.conditions if c in names]
+    return [names[c] for c in conditions if c in names]
 
 
 #: Where synth7t's prediction of an imported model differs from the authors' scripts, and why (model card).
@@ -451,3 +452,30 @@ def published_model_card(config: dict) -> str:
         "miss or invent detail for anatomy, scanners or protocols unlike that cohort.\n\n"
         "**Not a clinical device. Not for diagnosis or treatment decisions.**\n"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a fine-tuning start: a store on the model's grid
+
+
+def pack_like(work: str | Path, out: str | Path, model_dir: str | Path, *, split=(0.7, 0.15, 0.15), seed: int = 0,
+              overwrite: bool = False, progress: bool = True) -> Path:
+    """``synth7t pack WORK --like MODEL_DIR``: pack a work folder's pairs onto the grid of a model that works on a
+    template (:mod:`synth7t.dataset.template_store`: its template, slice axis, normalization and covariate tokens),
+    so that ``synth7t train STORE --init MODEL_DIR`` fine-tunes it. Returns ``out/store.json``."""
+    from synth7t.dataset.template_store import pack_on_template
+    from synth7t.model_folder import verify_model_folder
+
+    d = Path(model_dir)
+    cfg = verify_model_folder(d)
+    if cfg["model"].get("kind") != "thesis_published" or "template" not in cfg:
+        raise InputError(f"{d}: --like needs a model that works on a template grid (one imported by "
+                         "`synth7t import-thesis`, or fine-tuned from one); this one works on each scan's own grid")
+    template = dict(cfg["template"])
+    for key in ("file", "template_3t", "affine_file"):
+        if template.get(key):
+            template[key] = str(d / template[key])
+    norm = cfg.get("normalization", {})
+    model = {**cfg["model"], "lower_pct": norm.get("lower_pct", 1.0), "upper_pct": norm.get("upper_pct", 99.0)}
+    return pack_on_template(work, out, template, model, split=split, seed=seed, overwrite=overwrite,
+                            progress=progress)

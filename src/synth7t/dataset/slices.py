@@ -95,6 +95,19 @@ class SliceStore:
     def hw(self) -> tuple[int, int]:
         return tuple(self.meta["hw"])  # type: ignore[return-value]
 
+    @property
+    def on_template(self) -> bool:
+        """A store packed onto a template model's grid (``pack --like``, :mod:`.template_store`): windows
+        ``j .. j+S-1`` predict slice ``j`` and the context is that model's covariate tokens."""
+        return self.meta.get("layout") == "template"
+
+    def window(self, z: int, n_slices: int, depth: int) -> np.ndarray:
+        """The slice indices of sample ``z``'s input: centred (clamped at the edges), or on a template store the
+        window starting at ``z``."""
+        if self.on_template:
+            return np.arange(z, z + n_slices)
+        return neighbour_indices(z, n_slices, depth)
+
     def info(self, subject: str) -> dict:
         try:
             return self.meta["subjects"][subject]
@@ -195,8 +208,14 @@ class SliceStore:
         return population_quantiles(hists) if hists else None
 
     def context(self, subject: str, z: int) -> np.ndarray:
-        """Context vector (CONTEXT_DIM,) of slice ``z`` of ``subject``."""
+        """Context vector (CONTEXT_DIM,) of slice ``z`` of ``subject``; on a template store the (T, 1) covariate
+        tokens of its model (:func:`~.template_store.template_tokens`)."""
         info = self.info(subject)
+        if self.on_template:
+            from synth7t.dataset.template_store import template_tokens
+
+            c = self.meta["context"]
+            return template_tokens(c["tokens"], info, np.array([2.0 * (z - info["z_mid"]) / c["n_slices_position"]]))[0]
         pos = ctx.slice_position(z, info["z_mid"], info["shape"][0])
         return ctx.encode_context(info.get("age"), info.get("sex"), info.get("group"), pos)
 
@@ -272,7 +291,7 @@ class SliceDataset:
         """The un-augmented sample ``index`` (for :func:`augment.replay`)."""
         name, z = self.locate(index)
         t3 = self.store.array(name, "t3")  # (Z, H, W) memmap
-        zs = neighbour_indices(z, self.n_slices, t3.shape[0])
+        zs = self.store.window(z, self.n_slices, t3.shape[0])
         x = np.asarray(t3[zs])  # (S, H, W): reads S slices only
         if self.standardize is not None and x.dtype == np.float16:  # the store's dtype: exact table look-up
             lookup = self._input_lookup(name)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synth7t.dataset.template_store import extent_mid, normalize_published, pad_amounts, template_tokens, to_slices
 from synth7t.errors import InputError
 from synth7t.io import Volume, load_volume
 from synth7t.progress import progress_bar
@@ -78,19 +79,6 @@ def register_to_template(brain: Volume, template: dict, raw: Volume, *, seed: in
     return world, record
 
 
-def published_normalization(data: np.ndarray, lower: float = 1.0, upper: float = 99.0
-                            ) -> tuple[np.ndarray, tuple[float, float]]:
-    """``(x - p_lower) / (p_upper - p_lower)`` with the percentiles of the voxels > 0 (numpy's linear
-    interpolation), not clipped; and the two percentiles."""
-    v = data[data > 0]
-    if v.size < 2:
-        raise InputError("no brain voxels on the template grid (registration failed or an empty brain)")
-    lo, hi = (float(q) for q in np.percentile(v, [lower, upper]))
-    if not hi > lo:
-        raise InputError(f"the brain's {lower:g}th and {upper:g}th percentiles are equal ({lo:g}): a constant image")
-    return ((data - lo) / (hi - lo)).astype(np.float32), (lo, hi)
-
-
 def prepare_template_scan(raw: Volume, canonical: Volume, spec, steps: dict, *, preprocessed: bool) -> dict:
     """The CPU half of a template model's prediction (module docstring, steps 1-3)."""
     from synth7t.inference.steps import correct_and_strip, on_model_grid
@@ -108,7 +96,10 @@ def prepare_template_scan(raw: Volume, canonical: Volume, spec, steps: dict, *, 
     inside = on_template.data > 0
     if not inside.any():
         raise InputError(f"{raw.source}: no brain on the template grid after registration")
-    normed, limits = published_normalization(on_template.data, spec.lower_pct, spec.upper_pct)
+    try:
+        normed, limits = normalize_published(on_template.data, spec.lower_pct, spec.upper_pct)
+    except ValueError as exc:
+        raise InputError(f"{raw.source}: {exc} on the template grid") from None
     brain_r, mask_r = on_model_grid(canonical, brain, mask, tuple(steps["voxel_size_mm"]["value"]))
     timings["resample_normalize"] = time.perf_counter() - t1
     return {"template_stack": normed, "template_mask": inside, "template_affine": tmpl7.affine,
@@ -116,42 +107,9 @@ def prepare_template_scan(raw: Volume, canonical: Volume, spec, steps: dict, *, 
             "mask": mask_r.with_data((mask_r.data > 0).astype(np.float32)), "timings": timings}
 
 
-def nonzero_mid(mask: np.ndarray, axis: int) -> float:
-    """The centre ``(first + last) / 2`` of the indices along ``axis`` that hold a non-zero voxel."""
-    other = tuple(i for i in range(mask.ndim) if i != axis)
-    idx = np.flatnonzero(mask.any(axis=other))
-    if idx.size == 0:
-        raise InputError("no brain voxels along the slice axis")
-    return (float(idx[0]) + float(idx[-1])) / 2
-
-
-def covariate_tokens(conditions: tuple[str, ...] | list[str], covariates: dict, positions: np.ndarray) -> np.ndarray:
-    """(B, T, 1) float32 context of a published model: one token per condition, in the model's order."""
-    from synth7t.manifest import diagnosis_group
-
-    b = len(positions)
-    out = np.zeros((b, len(conditions), 1), np.float32)
-    for t, name in enumerate(conditions):
-        if name == "Age":
-            out[:, t, 0] = float(covariates["age"])
-        elif name == "Sex":
-            out[:, t, 0] = 1.0 if covariates["sex"] == "F" else 0.0
-        elif name == "Diagnostic":
-            out[:, t, 0] = 1.0 if diagnosis_group(covariates["diagnosis"]) == "healthy" else 0.0
-        elif name == "position":
-            out[:, t, 0] = positions
-    return out
-
-
 def missing_covariates(config: dict, covariates: dict) -> list[str]:
     """The covariates a model requires (``config.json`` ``requires_covariates``) that a scan lacks."""
     return [k for k in config.get("requires_covariates", []) if covariates.get(k) is None]
-
-
-def pad_amounts(n: int, multiple: int) -> tuple[int, int]:
-    """The authors' in-plane padding of a side of ``n`` to a multiple: (before, after) = (r // 2, r - r // 2)."""
-    r = (-n) % multiple
-    return r // 2, r - r // 2
 
 
 @torch.inference_mode()
@@ -159,20 +117,23 @@ def run_windows(predictor, volume: np.ndarray, inside: np.ndarray, covariates: d
                 progress: str | None = None) -> np.ndarray:
     """The network over every window of a template-grid volume (module docstring); returns the volume of slice
     predictions in the template's voxel order (the last ``S - 1`` slices along the slice axis are 0)."""
+    from synth7t.manifest import diagnosis_group
+
     cfg = predictor.net.cfg
     axis, s = predictor.template["slice_dim"], cfg.in_slices
-    stack = np.moveaxis(volume, axis, 0)  # (N, A, B)
-    n, a, b = stack.shape
-    (pa0, pa1), (pb0, pb1) = pad_amounts(a, cfg.downsample_factor), pad_amounts(b, cfg.downsample_factor)
-    padded = np.pad(stack, ((0, 0), (pa0, pa1), (pb0, pb1)))
-    mid = nonzero_mid(inside, axis)
+    n, a, b = np.moveaxis(volume, axis, 0).shape
+    pa0, pb0 = pad_amounts(a, cfg.downsample_factor)[0], pad_amounts(b, cfg.downsample_factor)[0]
+    padded = to_slices(volume, axis, cfg.downsample_factor)  # (N, A', B'), zero-padded as in training
+    mid = extent_mid(inside, axis)
+    info = {"age": covariates.get("age"), "sex": covariates.get("sex"),
+            "group": diagnosis_group(covariates.get("diagnosis"))}
     out = np.zeros((n, a, b), np.float32)
     starts = np.arange(max(0, n - s + 1))
     batches = [starts[lo:lo + batch_size] for lo in range(0, len(starts), batch_size)]
     for js in progress_bar(batches, progress or "", enabled=progress is not None):
         x = torch.from_numpy(np.stack([padded[j:j + s] for j in js])).to(predictor.device)
         pos = 2.0 * (js.astype(np.float64) - mid) / cfg.n_slices_position
-        ctx = torch.from_numpy(covariate_tokens(cfg.conditions, covariates, pos)).to(predictor.device)
+        ctx = torch.from_numpy(template_tokens(cfg.conditions, info, pos)).to(predictor.device)
         y = predictor.forward(x, ctx)[:, 0]
         out[js] = y[:, pa0:pa0 + a, pb0:pb0 + b].float().cpu().numpy()
     return np.moveaxis(out, 0, axis)

@@ -188,7 +188,9 @@ class PublishedUNet(nn.Module):
     def count_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+        """``offset`` (a training patch's place in its slice) is accepted and unused: no positional encoding."""
         cfg = self.cfg
         f = cfg.downsample_factor
         if x.ndim != 4 or x.shape[1] != cfg.in_slices:

@@ -28,7 +28,40 @@ def write_model_folder(out: Path, module, cfg: TrainConfig, store, trainer, elap
     config = model_config(cfg, store, module)
     config["training_data"].update(data_notes)
     config["init_from"] = init_from  # None: trained from random weights; else the source model's sha256
-    return save_model_folder(out, state, config, metrics, model_card(cfg, config, metrics))
+    extra = {}
+    if getattr(store, "on_template", False):  # a model on a template grid carries its template files
+        config, extra = template_model_config(config, store)
+    return save_model_folder(out, state, config, metrics, model_card(cfg, config, metrics), extra_files=extra)
+
+
+def template_model_config(config: dict, store) -> tuple[dict, dict[str, Path]]:
+    """A template store's model (a fine-tuned published thesis model): what prediction needs to run it as it was
+    trained (the template record, the authors' normalization, the covariates it requires), and the template files
+    to copy in from ``STORE/template/``."""
+    from synth7t.thesis import TEMPLATE_FILES, required_covariates
+
+    template = dict(store.meta["template"])
+    files = {}
+    for key, name in (("file", "template_7t"), ("template_3t", "template_3t"), ("affine_file", "template_affine")):
+        if template.get(key):
+            files[TEMPLATE_FILES[name]] = Path(store.root) / "template" / template[key]
+            template[key] = TEMPLATE_FILES[name]
+    m = config["model"]
+    config = {**config, "template": template, "normalization": dict(store.meta["normalization"]),
+              "slice_axis": f"axis {template['slice_dim']} of the template's voxel order (no reorientation)",
+              "voxel_size_mm": template.get("voxel_size_mm", config["voxel_size_mm"]),
+              "input_standardization": {"method": "none"}, "target_matched_to_input": False,
+              "output_contrast": "7T, in the units of the normalized 7T targets (0 and 1 = the 7T brain's 1st and "
+                                 "99th percentiles)",
+              "context": {"tokens": list(m["conditions"]), "dim": m["context_dim"],
+                          "position": f"2 (j - mid) / {m['n_slices_position']}", "sex": "1 = F, 0 = M",
+                          "diagnostic": "1 = cognitively normal or SCD, 0 = otherwise"},
+              "requires_covariates": required_covariates(m["conditions"]),
+              "preprocessing": {**{k: v for k, v in store.meta.get("preprocessing", {}).items()},
+                                "registration": "template"},
+              "architecture": "the thesis authors' published 2.5D attention U-net (AdaDM, covariate "
+                              "cross-attention), fine-tuned"}
+    return config, files
 
 
 DEFAULT_NORMALIZATION = normalization_record(1.0, 99.0)  # a store that does not say: the thesis' 1st-99th
@@ -89,6 +122,10 @@ def architecture_summary(m) -> str:
     """One line on the attention design of a UNetConfig (the residual units of a UNet3DConfig), for the card."""
     if m.kind == "unet3d":
         return f"{m.num_res_units} residual units per stage, {m.norm} norm, covariates ignored"
+    if m.kind == "thesis_published":
+        return (f"the thesis authors' published network: transformer blocks at down-sampling factors "
+                f"{tuple(m.attention_res)} and in the middle, {m.n_heads} head, covariate tokens "
+                f"{', '.join(m.conditions)}")
     heads = f"{m.attention_heads} head{'s' if m.attention_heads != 1 else ''}" if m.attention_heads else \
         f"heads of {m.head_dim} channels"
     if m.attention_block == "thesis":
@@ -126,6 +163,7 @@ def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
         f"{metrics.get('train_seconds', '?')} s, precision {metrics.get('precision', '?')}."
         f"{_init_line(d.get('init_from'))}{_average_line(cfg)}\n"
         f"- Validation: {val}.\n\n"
+        f"{_derived_licence(cfg)}"
         "## Intended use\nResearch on brain MRI: producing 7T-like images from 3T scans for visualisation and for\n"
         "downstream analyses whose sensitivity to synthetic data has been checked. Outputs are estimates learnt\n"
         "from paired data; they can miss or invent detail, especially for anatomy unlike the training cohort\n"
@@ -151,3 +189,13 @@ def _init_line(init_from: dict | None) -> str:
         return ""
     return (f" Fine-tuned from the model whose model.safetensors has sha256 {init_from['sha256']}"
             f" (preset {init_from.get('preset')}).")
+
+
+def _derived_licence(cfg: TrainConfig) -> str:
+    """A fine-tuned published thesis model inherits its weights' licence: say so."""
+    if getattr(cfg.model, "kind", "unet") != "thesis_published":
+        return ""
+    from synth7t.thesis import CITATION, LICENCE, SOURCE_REPOSITORY
+
+    return (f"## Licence\nFine-tuned from the thesis authors' published weights ({SOURCE_REPOSITORY}): {LICENCE}. "
+            f"Cite: {CITATION}.\n\n")

@@ -109,6 +109,7 @@ def train(
         config = config_for_init(src_cfg, Path(init), preset, overrides, config)
     cfg = _resolve_config(out, preset, overrides, config, resume)
     _check_store_fits(store_obj, cfg)
+    _check_store_layout(store_obj, cfg, init)
     _warn_patch_positions(cfg)
     # under DDP every rank runs this function (ranks > 0 are started by Lightning, or by srun, with the same
     # arguments); only rank 0 writes files: here, in the checkpoints and logs (Lightning), and the model folder
@@ -192,7 +193,26 @@ def config_for_init(src_cfg: dict, init: Path, preset, overrides: dict | None, c
     if differ:
         raise ConfigError(f"--init {init}: the architecture comes from its config.json; --set would change "
                           f"{', '.join(differ)}")
+    if src_model.get("kind") == "thesis_published":
+        data = _published_inputs(data, overrides, init)
     return validate_config(data, source=f"--init {init}")
+
+
+#: What a published thesis model's inputs are, whatever the preset says: the authors' normalization without an
+#: input standardization, the 7T target as it is, the covariate tokens as given (their drop-out codes a synth7t
+#: context vector, which these models do not read).
+PUBLISHED_INPUTS = {"data.standardize": "none", "data.match_target_to_input": False,
+                    "data.augment.covariates.enabled": False}
+
+
+def _published_inputs(data: dict, overrides: dict, init: Path) -> dict:
+    """The run's settings with :data:`PUBLISHED_INPUTS`; an override asking otherwise is a one-line ConfigError."""
+    for key, value in PUBLISHED_INPUTS.items():
+        if key in overrides and apply_overrides({}, {key: overrides[key]}) != apply_overrides({}, {key: value}):
+            raise ConfigError(f"--init {init}: a published thesis model is fine-tuned with {key}={value} "
+                              f"(its inputs as it was trained); --set {key}={overrides[key]} is not possible")
+    log.info("fine-tuning a published thesis model: %s", ", ".join(f"{k}={v}" for k, v in PUBLISHED_INPUTS.items()))
+    return apply_overrides(data, PUBLISHED_INPUTS)
 
 
 def _recorded_init(out: Path) -> dict | None:
@@ -289,6 +309,27 @@ def _warn_patch_positions(cfg: TrainConfig) -> None:
         log.warning("training on %d-pixel patches with self-attention but data.patch_offsets false: positions "
                     "restart at each patch's corner, unlike prediction on whole slices (set data.patch_offsets=true)",
                     cfg.data.patch)
+
+
+def _check_store_layout(store, cfg: TrainConfig, init) -> None:
+    """A model on a template grid trains on a store packed onto that grid (``pack --like``), and only such a
+    model does; the store's template must be the model's."""
+    published = getattr(cfg.model, "kind", "unet") == "thesis_published"
+    if published and not store.on_template:
+        raise ConfigError(f"{store.root}: this model works on its template grid; pack the store onto it with "
+                          f"`synth7t pack WORK --like {init or 'MODEL_DIR'}`")
+    if store.on_template and not published:
+        raise ConfigError(f"{store.root}: a store packed onto a template grid (pack --like) trains only the model "
+                          "it was packed like: add --init MODEL_DIR")
+    if published and init is not None:
+        import numpy as np
+
+        want = read_json(Path(init) / "config.json")["template"]
+        have = store.meta["template"]
+        if list(want["shape"]) != list(have["shape"]) or int(want["slice_dim"]) != int(have["slice_dim"]) \
+                or not np.allclose(want["affine"], have["affine"], atol=1e-4):
+            raise ConfigError(f"{store.root}: packed onto another template grid than {init}'s; repack with --like "
+                              f"{init}")
 
 
 def _check_store_fits(store, cfg: TrainConfig) -> None:
