@@ -125,3 +125,12 @@ def test_stores_and_models_must_match(like_setup, tmp_path, tiny_store):
     with pytest.raises(ConfigError, match="data.standardize"):
         train(store, tmp_path / "c", preset="tiny", overrides={**FINETUNE, "data.standardize": "histmatch"},
               init=model, progress=False, device="cpu")
+
+
+def test_evaluate_refuses_template_models_in_one_line(like_setup, tmp_path):
+    from synth7t.errors import InputError
+    from synth7t.evaluation.evaluate import evaluate
+
+    work, model, store = like_setup
+    with pytest.raises(InputError, match="not supported by it yet"):
+        evaluate(model, store, tmp_path / "report", device="cpu", progress=False)

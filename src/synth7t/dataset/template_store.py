@@ -87,6 +87,11 @@ def extent_mid(mask: np.ndarray, axis: int) -> float:
     return (float(idx[0]) + float(idx[-1])) / 2
 
 
+def same_grid(vol: Volume, shape: tuple[int, ...], affine: np.ndarray) -> bool:
+    """Whether ``vol`` lies on the grid ``(shape, affine)`` (affines equal to 1e-3 mm)."""
+    return tuple(vol.shape) == tuple(shape) and np.allclose(vol.affine, affine, atol=1e-3)
+
+
 def _save(path: Path, arr: np.ndarray, dtype) -> None:
     with atomic_path(path) as tmp:
         np.save(tmp, np.ascontiguousarray(arr, dtype=dtype))
@@ -97,7 +102,7 @@ def _register_7t(t7_brain: Volume, template: Volume, seed: int) -> np.ndarray:
     identity for a 7T already on the template grid: same shape and affine)."""
     from synth7t.preprocess.register import read_itk_affine, register
 
-    if t7_brain.shape == template.shape and np.allclose(t7_brain.affine, template.affine, atol=1e-3):
+    if same_grid(t7_brain, template.shape, template.affine):
         return np.eye(4)
 
     with tempfile.TemporaryDirectory(prefix="synth7t-like-") as tmp:

@@ -180,6 +180,12 @@ def evaluate(
         raise InputError(f"{store.root}: split {split!r} has no subject with a 7T to compare with")
     predictor = Predictor(model_dir, device)
     extras = {name: Predictor(p, device) for name, p in (extra_models or {}).items()}
+    for p in (predictor, *extras.values()):
+        if p.template is not None or store.on_template:  # the published thesis models' grid and units
+            raise InputError(f"{p.model_dir if p.template is not None else store.root}: `synth7t evaluate` compares "
+                             "models on a store of brain-cropped clipped min-max stacks; a model on a template grid "
+                             "(import-thesis, pack --like) is not supported by it yet: predict the held-out 3T "
+                             "scans with `synth7t predict` and compare the outputs on the template grid")
     for label, p in (("model", predictor), *extras.items()):
         if p.config.get("target_matched_to_input"):  # data.match_target_to_input: the real 7T stays the reference
             log.warning("%s %s was trained on 7T targets histogram-matched to their 3T input: its output has the "

@@ -35,7 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synth7t.dataset.template_store import extent_mid, normalize_published, pad_amounts, template_tokens, to_slices
+from synth7t.dataset.template_store import (
+    extent_mid,
+    normalize_published,
+    pad_amounts,
+    same_grid,
+    template_tokens,
+    to_slices,
+)
 from synth7t.errors import InputError
 from synth7t.io import Volume, load_volume
 from synth7t.progress import progress_bar
@@ -46,10 +53,6 @@ log = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=4)
 def _template(path: str) -> Volume:
     return load_volume(path)
-
-
-def same_grid(a: Volume, shape: tuple[int, ...], affine: np.ndarray) -> bool:
-    return tuple(a.shape) == tuple(shape) and np.allclose(a.affine, affine, atol=1e-3)
 
 
 def register_to_template(brain: Volume, template: dict, raw: Volume, *, seed: int = 0) -> tuple[np.ndarray, dict]:
