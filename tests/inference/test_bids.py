@@ -60,7 +60,7 @@ def test_bids_derivatives_are_valid_and_resume(raw, tiny_model, tmp_path):
     files = [f for f in files if f not in figures]
     assert len(figures) == 2 * len(SCANS) and all(f.endswith(".png") for f in figures)
     stems = [s.removesuffix("_T1w.nii.gz") for s in SCANS]
-    assert files == sorted([".bidsignore", "README.md", "dataset_description.json"]
+    assert files == sorted([".bidsignore", "README.md", "dataset_description.json", "logs/predict.json"]
                            + [f"{s}_{out}" for s in stems for out in (
                                "desc-synth7T_T1w.nii.gz", "desc-synth7T_T1w.json", "desc-brain_mask.nii.gz",
                                "desc-brain_mask.json", "desc-synth7TUncertainty_T1w.nii.gz",

@@ -20,7 +20,9 @@ Each has a JSON sidecar: ``Description``, ``Sources`` and ``SpatialReference`` (
 raw dataset>``), the model's sha256 and preset, and the prediction settings; the synthetic T1w's sidecar also holds
 the whole provenance record and is written last, so that its presence marks a finished scan (reruns skip those).
 No sidecar holds an absolute path or anything read from an input's header. ``DERIV/dataset_description.json``
-says ``DatasetType: derivative``, ``GeneratedBy: synth7t`` and links ``raw`` to the raw dataset by relative path.
+says ``DatasetType: derivative``, ``GeneratedBy: synth7t`` and links ``raw`` to the raw dataset (:func:`raw_link`):
+by relative path when DERIV is inside it (``../..``), else by its ``DatasetDOI``; a path that climbs out of the raw
+dataset's folder would name the folders above it, so it is never written.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class BidsQuery:
         return f" with {' and '.join(parts)}" if parts else ""
 
 
-BIDSIGNORE = ("*/figures", "qc.html", "qc.csv", "qc.json")  # what synth7t qc adds to a derivatives dataset
+# what synth7t qc adds to a derivatives dataset, and predict's run records
+BIDSIGNORE = ("*/figures", "qc.html", "qc.csv", "qc.json", "logs/")
 
 
 def _label(value: str, entity: str) -> str:
@@ -135,6 +138,24 @@ def collect_bids(query: BidsQuery, opts) -> list[Subject]:
     return jobs
 
 
+def raw_link(raw: Path, deriv: Path) -> str | None:
+    """``DatasetLinks.raw`` of the derivatives: the relative path up from ``deriv`` when it lies inside ``raw``
+    (``../..`` for ``raw/derivatives/synth7t``), else the raw dataset's ``DatasetDOI`` (``doi:...``), else None
+    (the link is left out: a path from elsewhere would reveal the folders above the raw dataset)."""
+    raw_r, deriv_r = Path(raw).resolve(), Path(deriv).resolve()
+    if deriv_r.is_relative_to(raw_r):
+        return Path(os.path.relpath(raw_r, deriv_r)).as_posix()
+    try:
+        doi = read_json(raw_r / "dataset_description.json").get("DatasetDOI")
+    except InputError:
+        doi = None
+    if isinstance(doi, str) and doi.strip():
+        return doi.strip() if doi.strip().startswith("doi:") else f"doi:{doi.strip()}"
+    log.info("%s is outside the raw dataset and it has no DatasetDOI: DatasetLinks.raw is left out (a relative "
+             "path would name the folders above it)", deriv)
+    return None
+
+
 def derivative_name(source: str, desc: str, suffix: str, space: str | None = None) -> str:
     """``sub-01_ses-1_acq-mp_T1w.nii.gz`` -> ``sub-01_ses-1_acq-mp[_space-<space>]_desc-<desc>_<suffix>.nii.gz``."""
     entities = [f"{k}-{v}" for k, v in _entities(source).items() if k not in ("suffix", "desc", "space")]
@@ -164,14 +185,13 @@ class BidsLayout:
             names = [g.get("Name") for g in old.get("GeneratedBy", []) if isinstance(g, dict)]
             if old.get("DatasetType") != "derivative" or PIPELINE not in names:
                 raise InputError(f"{desc}: this folder holds another dataset; give an empty or synth7t folder")
-        link = os.path.relpath(self.raw.resolve(), self.deriv.resolve())
         write_json(desc, {
             "Name": "synth7t: synthetic 7T-like T1w brains",
             "BIDSVersion": BIDS_VERSION,
             "DatasetType": "derivative",
             "GeneratedBy": [{"Name": PIPELINE, "Version": __version__,
                              "Description": "3T T1w -> synthetic 7T-like T1w brain (2.5D attention residual U-net)"}],
-            "DatasetLinks": {"raw": Path(link).as_posix()},
+            **({"DatasetLinks": {"raw": link}} if (link := raw_link(self.raw, self.deriv)) else {}),
         })
         if not (self.deriv / "README.md").exists():
             write_text(self.deriv / "README.md", "# synth7t derivatives\n\nSynthetic 7T-like T1w brains predicted "
