@@ -153,7 +153,8 @@ def preprocess(
     mapping: Annotated[Path | None, typer.Option(
         help="Private JSON file to write subject ID -> pseudonym into (outside OUT).")] = None,
     keep_head: Annotated[Path | None, typer.Option(help="Also keep full-head images, in this PRIVATE folder.")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="Cores to use (default: $SLURM_CPUS_PER_TASK, "
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use "
+                                                "(default: $SLURM_CPUS_PER_TASK, "
                                                 "else the CPU affinity mask; never more than the mask allows). "
                                                 "ITK, OpenMP/torch and BLAS get the same number.",
                                                 show_default=False)] = None,
@@ -212,6 +213,20 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 # pack
 
 
+def _apply_threads(value: int | None) -> int | None:
+    """A --threads callback (applied while the options are parsed): the run's cores to numpy/BLAS, torch, ITK."""
+    from synth7t.parallel import apply_threads, resolve_cores
+
+    apply_threads(resolve_cores(value).n)
+    return value
+
+
+def _cores(value: int | None) -> str:
+    from synth7t.parallel import resolve_cores
+
+    return resolve_cores(value).describe()
+
+
 @app.command()
 @user_errors
 def pack(
@@ -222,28 +237,25 @@ def pack(
     val: Annotated[float, typer.Option(help="Fraction of subjects for validation.")] = 0.15,
     test: Annotated[float, typer.Option(help="Fraction of subjects held out for testing.")] = 0.15,
     overwrite: Annotated[bool, typer.Option(help="Rebuild an existing store.")] = False,
-    allow_mixed_preprocessing: Annotated[bool, typer.Option(
-        help="Pack subjects preprocessed with different settings (skull strip, N4, registration, voxel size); "
-             "refused by default. store.json records which subject had which.")] = False,
-    threads: Annotated[int | None, typer.Option("--threads", help="Cores to use (default: $SLURM_CPUS_PER_TASK, "
+    threads: Annotated[int | None, typer.Option("--threads", min=1, callback=_apply_threads, help="Cores to use "
+                                                "(default: $SLURM_CPUS_PER_TASK, "
                                                 "else the CPU affinity mask; never more than the mask allows). "
                                                 "ITK, OpenMP/torch and BLAS get the same number.",
                                                 show_default=False)] = None,
+    allow_mixed_preprocessing: Annotated[bool, typer.Option(
+        help="Pack subjects preprocessed with different settings (skull strip, N4, registration, voxel size); "
+             "refused by default. store.json records which subject had which.")] = False,
 ) -> None:
     """Crop, normalize and store preprocessed subjects as float16 memory-mapped slices with splits.
 
     store.json records the preprocessing recipe of the subjects (from their provenance.json); training copies it
     into the model folder and predict applies it by default.
     """
-    from synth7t.parallel import apply_threads, resolve_cores
-
-    cores = resolve_cores(threads)
-    apply_threads(cores.n)
     from synth7t.dataset.pack import pack as pack_fn
 
     path = pack_fn(work, out, multiple=multiple, seed=seed, split=(1 - val - test, val, test), overwrite=overwrite,
                    allow_mixed=allow_mixed_preprocessing)
-    typer.echo(f"slice store: {path}\n{cores.describe()}")
+    typer.echo(f"slice store: {path}\n{_cores(threads)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,7 +281,7 @@ def train(
                                               "training settings; a --set model.* that changes the architecture "
                                               "is refused. The new model records the source's sha256 "
                                               "(init_from).")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="Cores to use, per process under DDP "
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use, per process under DDP "
                                                 "(trainer.threads; default: $SLURM_CPUS_PER_TASK, "
                                                 "else the CPU affinity mask; never more than the mask allows). "
                                                 "ITK, OpenMP/torch and BLAS get the same number.",
@@ -290,7 +302,7 @@ def train(
     model_dir = train_fn(store, out, preset=preset, overrides=overrides, resume=resume, device=device,
                          devices=devices, num_nodes=num_nodes, init=init)
     if is_global_zero():  # DDP: every rank runs this command; rank 0 wrote the model folder
-        typer.echo(f"model folder: {model_dir}")
+        typer.echo(f"model folder: {model_dir}\n{_cores(threads)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,7 +390,8 @@ def predict(
                                            "thesis models: the faster of fp32 and bf16, measured), 32 or bf16 (on a "
                                            "CPU: bf16 weights, half the memory).")] = "auto",
     qc: Annotated[bool, typer.Option("--qc", help="Then write the cohort QC page OUT/qc.html (`synth7t qc`).")] = False,
-    threads: Annotated[int | None, typer.Option("--threads", help="Cores to use (default: $SLURM_CPUS_PER_TASK, "
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use "
+                                                "(default: $SLURM_CPUS_PER_TASK, "
                                                 "else the CPU affinity mask; never more than the mask allows). "
                                                 "ITK, OpenMP/torch and BLAS get the same number.",
                                                 show_default=False)] = None,
@@ -442,7 +455,8 @@ def qc_page(
                                              "one per core, at most 8, from 16 outputs on); the page is the "
                                              "same.",
                                              show_default=False)] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="Cores to use (default: $SLURM_CPUS_PER_TASK, "
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use "
+                                                "(default: $SLURM_CPUS_PER_TASK, "
                                                 "else the CPU affinity mask; never more than the mask allows). "
                                                 "ITK, OpenMP/torch and BLAS get the same number.",
                                                 show_default=False)] = None,

@@ -139,3 +139,20 @@ def test_bad_bids_input_is_one_line(raw, tiny_model, tmp_path):
     assert code == 2 and "need --bids" in out
     with pytest.raises(InputError, match="raw BIDS dataset"):
         predict(tiny_model, None, raw, PredictOptions(preprocessed=True), progress=False, bids=BidsQuery(raw))
+
+
+def test_session_ages_from_sessions_tsv(raw):
+    (raw / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tage\nses-1\t66.5\nses-2\tn/a\n")
+    jobs = {j.subject: j for j in collect_bids(BidsQuery(raw), PredictOptions())}
+    assert jobs["sub-02_ses-1_acq-mp2_run-1_T1w"].age == 66.5  # the age at that session
+    assert jobs["sub-02_ses-2_T1w"].age == 64.5  # none given for it: participants.tsv's
+
+
+def test_raw_link_never_climbs_above_the_raw_dataset(raw, tmp_path):
+    from synth7t.inference.bids import raw_link
+
+    assert raw_link(raw, raw / "derivatives" / "synth7t") == "../.."
+    assert raw_link(raw, tmp_path / "elsewhere" / "deriv") is None  # "../../bids" would name folders above it
+    desc = json.loads((raw / "dataset_description.json").read_text())
+    (raw / "dataset_description.json").write_text(json.dumps({**desc, "DatasetDOI": "10.18112/openneuro.x"}))
+    assert raw_link(raw, tmp_path / "elsewhere" / "deriv") == "doi:10.18112/openneuro.x"

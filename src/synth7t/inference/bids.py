@@ -3,7 +3,8 @@
 Discovery (:func:`collect_bids`): every ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` of a BIDS dataset (a folder with a
 ``dataset_description.json``), optionally only some participants (labels with or without ``sub-``) and sessions
 (with or without ``ses-``). Covariates (age, sex, diagnosis) come from ``participants.tsv`` where it has those
-columns, read as manifests are (:mod:`synth7t.manifest`); a value the model cannot use is logged and left unknown;
+columns, read as manifests are (:mod:`synth7t.manifest`), the age at a session from ``sub-X/sub-X_sessions.tsv``
+where it gives one; a value the model cannot use is logged and left unknown;
 ``--age``/``--sex``/``--diagnosis`` fill what the table leaves empty.
 
 Layout (:class:`BidsLayout`), after the BIDS derivatives specification (common derivatives for imaging data):
@@ -39,6 +40,7 @@ from synth7t.manifest import (
     Subject,
     _entities,
     _participants,
+    bids_covariates,
     option_covariates,
     parse_age,
     parse_diagnosis,
@@ -117,6 +119,7 @@ def collect_bids(query: BidsQuery, opts) -> list[Subject]:
     """BIDS T1w scans -> jobs named by file (``sub-01_ses-1_T1w``), with covariates; ``opts``'s fill gaps."""
     default = option_covariates(opts)
     table = _participants(query.root)
+    tables: dict = {"participants": {}}  # sessions.tsv cache; participants.tsv read leniently above
     jobs, seen = [], set()
     for f in find_t1w(query):
         rel = f.relative_to(query.root).as_posix()
@@ -124,7 +127,8 @@ def collect_bids(query: BidsQuery, opts) -> list[Subject]:
         if name in seen:
             raise InputError(f"{f.parent}: {name} exists as .nii and .nii.gz; keep one")
         seen.add(name)
-        row = table.get(f.relative_to(query.root).parts[0], {})
+        participant = f.relative_to(query.root).parts[0]
+        row = table.get(participant, {})
         cov = {}
         for key, parse in (("age", parse_age), ("sex", parse_sex), ("diagnosis", parse_diagnosis)):
             try:
@@ -132,8 +136,15 @@ def collect_bids(query: BidsQuery, opts) -> list[Subject]:
             except ValueError as exc:
                 log.warning("%s: participants.tsv: %s; predicted with %s unknown", rel, exc, key)
                 cov[key] = None
-            if cov[key] is None:
-                cov[key] = default[key]
+        session = _entities(f.name).get("ses")
+        if session is not None:  # the age at this session (sessions.tsv) before the participant's
+            try:
+                age = bids_covariates(query.root, participant, session, tables=tables)["age"]
+            except ValueError as exc:
+                log.warning("%s: %s; its age from participants.tsv", rel, exc)
+            else:
+                cov["age"] = age if age is not None else cov["age"]
+        cov = {k: default[k] if v is None else v for k, v in cov.items()}
         jobs.append(Subject(name, f, **cov, extra={"bids_path": rel}))
     return jobs
 
