@@ -146,13 +146,30 @@ def set_itk_threads(threads: int | None) -> None:
 
 def worker_init(threads: int, torch: bool = True) -> None:
     """Process-pool initializer: thread limits (ITK, OpenMP, BLAS, and torch unless ``torch=False``) before
-    ITK/torch start their pools."""
+    ITK/torch start their pools; and a watchdog that ends the worker when its parent dies (a SIGKILLed run, an
+    out-of-memory kill): an orphaned worker would otherwise live on, holding memory, cores and the job's output
+    pipes (found by benchmarks/cohort_faults.py)."""
     for var in THREAD_VARIABLES:
         os.environ[var] = str(threads)
+    _watch_parent(os.getppid())
     if torch:
         import torch as _torch  # noqa: F401 - loaded here so that apply_threads sizes its pool
 
     apply_threads(threads)
+
+
+def _watch_parent(parent: int, every_s: float = 1.0) -> None:
+    """A daemon thread that exits this process at once when its parent process is gone (reparented)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="synth7t-parent-watch", daemon=True).start()
 
 
 def spawn_pool(workers: int, threads: int, *, torch: bool = True):

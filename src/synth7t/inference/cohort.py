@@ -5,6 +5,7 @@ output disk is full), and write the run record ``OUT/logs/predict*.json`` with o
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -183,6 +184,7 @@ def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path | None,
             shutil.rmtree(stage_root / job.subject, ignore_errors=True)
             continue
         result.done.append(main)
+        result.threads_seen.add(json.dumps(prep.get("threads", {}), sort_keys=True))
         result.seconds[job.subject] = sum(prep["timings"].values()) - prep["timings"]["network"] \
             + time.perf_counter() - t0
         log.info("%s: done in %.1f s -> %s", job.subject, result.seconds[job.subject], main)
@@ -218,7 +220,8 @@ def _record_run(out: Path, opts: PredictOptions, result: PredictResult, jobs: li
               "shard": None if opts.shard is None else list(opts.shard),
               "exit_code": 1 if result.failed else 0,
               "counts": {"done": len(result.done), "skipped": len(result.skipped), "failed": len(result.failed)},
-              "cores": result.cores, "failed": failed}
+              "cores": result.cores, "preprocessing_threads": [json.loads(t) for t in sorted(result.threads_seen)],
+              "failed": failed}
     result.record = outputs.write_run_record(out, opts.shard, record)
 
 

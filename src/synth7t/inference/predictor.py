@@ -52,6 +52,7 @@ class PredictResult:
     seconds: dict[str, float] = field(default_factory=dict)
     cores: str | None = None  # the run's cores and how they were shared out
     record: Path | None = None  # the machine-readable run record (OUT/logs/predict*.json)
+    threads_seen: set = field(default_factory=set)  # thread counts the scans' preprocessing ran with (JSON)
 
     def summary(self) -> str:
         lines = [f"predicted {len(self.done)}, skipped {len(self.skipped)} (outputs exist), failed {len(self.failed)}"]

@@ -66,8 +66,12 @@ def failure_message(exc: BaseException) -> str:
 
 def _prepare(path: Path, spec, steps: dict, preprocessed: bool, keep_input: bool) -> tuple[dict | None, str | None]:
     """Run :func:`synth7t.inference.volume.prepare_scan`; never raises: ``(prep, None)`` or ``(None, reason)``."""
+    from synth7t.parallel import thread_counts
+
     try:
-        return prepare_scan(path, spec, steps, preprocessed=preprocessed, keep_input=keep_input), None
+        prep = prepare_scan(path, spec, steps, preprocessed=preprocessed, keep_input=keep_input)
+        prep["threads"] = thread_counts()  # what this scan's preprocessing ran with (the run record keeps it)
+        return prep, None
     except Exception as exc:  # reported per scan; a worker's exception need not be picklable this way
         if not isinstance(exc, Synth7tError):
             log.debug("%s: preprocessing failed\n%s", path, traceback.format_exc())
@@ -105,7 +109,14 @@ def _run_pool(pending: deque, args: tuple, workers: int, threads: int) -> Iterat
         while pending or in_flight:
             while pending and len(in_flight) < workers + 1:  # bounded read-ahead: RAM stays bounded
                 job = pending.popleft()
-                in_flight.append((job, pool.submit(_prepare, job.t3, *args)))
+                try:
+                    future = pool.submit(_prepare, job.t3, *args)
+                except BrokenProcessPool:  # a worker died since the last result: the pool takes no more work
+                    pending.appendleft(job)
+                    break
+                in_flight.append((job, future))
+            if not in_flight:  # broken with nothing in flight: nothing lost, a fresh pool takes over
+                return
             job, future = in_flight.popleft()
             try:
                 prep, error = future.result()
