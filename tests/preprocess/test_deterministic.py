@@ -53,6 +53,9 @@ def _contents(work: Path) -> dict[str, bytes]:
 
 def test_work_folders_are_bit_identical_whatever_the_cores(subjects, tmp_path):
     runs = {"1 thread": dict(threads=1, jobs=1), "2 threads": dict(threads=2, jobs=1)}  # a pool: test_cores.py
+    # ANTs reads its thread count once per process: register here first at 2 threads, so that a deterministic run
+    # that worked in this process would inherit them (it must not: it runs its subjects in fresh processes)
+    preprocess(subjects[:1], tmp_path / "warm", pseudonym_key=KEY, **{**SETTINGS, "deterministic": False}, threads=2)
     contents = {}
     for name, run in runs.items():
         res = preprocess(subjects, tmp_path / name.replace(" ", "_"), pseudonym_key=KEY, **SETTINGS, **run)

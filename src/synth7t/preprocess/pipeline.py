@@ -3,8 +3,9 @@
 
 Subjects run in a process pool (``jobs``; spawn-safe), ITK/torch threads are the jobs' share of the run's cores
 (:func:`synth7t.parallel.resolve_cores`: ``threads``, else ``SLURM_CPUS_PER_TASK``, else the CPU affinity);
-with ``deterministic`` every subject runs at one thread (N4, skull stripping and ANTs then repeat bit for bit
-whatever the cores), and ``jobs`` is what uses the cores. Each subject's rows go to one unit of work
+with ``deterministic`` every subject runs at one thread in a fresh worker process (N4, skull stripping and ANTs then
+repeat bit for bit whatever the cores; ANTs reads its thread count once per process), and ``jobs`` is what uses
+the cores. Each subject's rows go to one unit of work
 (:func:`process_unit`): a single pair or prediction-only scan to :func:`~synth7t.preprocess.subject.process_subject`,
 several 3T scans of one person to :func:`~synth7t.preprocess.multiscan.process_scans`. A failing subject is recorded
 in ``cohort.json`` with its reason (subject ID and file paths replaced by the pseudonym) and does not stop the
@@ -185,7 +186,9 @@ def preprocess(manifest_or_subjects: str | os.PathLike | list[Subject], out: str
 
     prog, task = _progress(cfg.progress, len(subjects))
     with prog:
-        if cfg.jobs == 1:
+        # --deterministic always runs subjects in fresh worker processes: ANTs reads its thread count once per
+        # process, so one that registered before (at more threads) would ignore the one-thread setting
+        if cfg.jobs == 1 and not cfg.deterministic:
             from synth7t.parallel import apply_threads
 
             apply_threads(threads)
