@@ -137,7 +137,9 @@ def preprocess(
     out: Annotated[Path, typer.Option("--out", "-o", help="Work folder for the preprocessed subjects.")],
     bids: Annotated[bool, typer.Option("--bids", help="MANIFEST is a BIDS folder.")] = False,
     bids_entity: Annotated[str, typer.Option(help="BIDS entity telling 3T from 7T (ses, acq, ...).")] = "ses",
-    bids_3t: Annotated[str, typer.Option(help="Entity value of 3T scans.")] = "3T",
+    bids_3t: Annotated[str, typer.Option(help="Entity value of 3T scans: a value, a pattern ('3T*') or a "
+                                         "comma-separated list ('3Ta,3Tb'); several matches of one person are "
+                                         "several 3T sessions with its one 7T.")] = "3T",
     bids_7t: Annotated[str, typer.Option(help="Entity value of 7T scans.")] = "7T",
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Subjects processed in parallel.")] = 1,
     shard: Annotated[str | None, typer.Option(help="K/N: process only the K-th (1..N) of N subsets (SLURM arrays: "
@@ -151,8 +153,23 @@ def preprocess(
     mapping: Annotated[Path | None, typer.Option(
         help="Private JSON file to write subject ID -> pseudonym into (outside OUT).")] = None,
     keep_head: Annotated[Path | None, typer.Option(help="Also keep full-head images, in this PRIVATE folder.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use "
+                                                "(default: $SLURM_CPUS_PER_TASK, "
+                                                "else the CPU affinity mask; never more than the mask allows). "
+                                                "ITK, OpenMP/torch and BLAS get the same number.",
+                                                show_default=False)] = None,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Bit-identical work folders whatever the "
+                                                "core count (same machine type): N4, skull stripping and "
+                                                "registration at one thread per subject (ANTs' repeatable "
+                                                "setting); use --jobs to fill the cores. Recorded in provenance "
+                                                "and the parameter hash.")] = False,
 ) -> None:
-    """Bias-correct, skull-strip, coregister and QC each 3T/7T pair of a cohort (resumable, parallel)."""
+    """Bias-correct, skull-strip, coregister and QC each 3T/7T pair of a cohort (resumable, parallel).
+
+    With --bids, --bids-3t may be a pattern or a comma-separated list (e.g. '3T*' for ses-3T1, ses-3T2): each
+    matching 3T session of a person is its own training pair with that person's one 7T; ages come from
+    sub-*/sub-*_sessions.tsv (per session) when it has them, else from participants.tsv.
+    """
     from synth7t.manifest import BidsMatch, load_cohort
 
     match = BidsMatch(entity=bids_entity, t3=bids_3t, t7=bids_7t) if bids else None
@@ -168,7 +185,8 @@ def preprocess(
         log.info("full heads go to the private folder %s", keep_head)
     result = preprocess_fn(subjects, out, jobs=jobs, shard=shard_kn, skullstrip=skullstrip,
                            t3_already_corrected=t3_already_corrected, fast=preset == "demo", key_file=key_file,
-                           mapping_file=mapping, keep_head=keep_head is not None, private_dir=keep_head)
+                           mapping_file=mapping, keep_head=keep_head is not None, private_dir=keep_head,
+                           threads=threads, deterministic=deterministic)
     lines = result.summary().splitlines()
     lines[0] += f" -> {out}"
     for line in lines:
@@ -195,6 +213,20 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 # pack
 
 
+def _apply_threads(value: int | None) -> int | None:
+    """A --threads callback (applied while the options are parsed): the run's cores to numpy/BLAS, torch, ITK."""
+    from synth7t.parallel import apply_threads, resolve_cores
+
+    apply_threads(resolve_cores(value).n)
+    return value
+
+
+def _cores(value: int | None) -> str:
+    from synth7t.parallel import resolve_cores
+
+    return resolve_cores(value).describe()
+
+
 @app.command()
 @user_errors
 def pack(
@@ -205,6 +237,11 @@ def pack(
     val: Annotated[float, typer.Option(help="Fraction of subjects for validation.")] = 0.15,
     test: Annotated[float, typer.Option(help="Fraction of subjects held out for testing.")] = 0.15,
     overwrite: Annotated[bool, typer.Option(help="Rebuild an existing store.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, callback=_apply_threads, help="Cores to use "
+                                                "(default: $SLURM_CPUS_PER_TASK, "
+                                                "else the CPU affinity mask; never more than the mask allows). "
+                                                "ITK, OpenMP/torch and BLAS get the same number.",
+                                                show_default=False)] = None,
     allow_mixed_preprocessing: Annotated[bool, typer.Option(
         help="Pack subjects preprocessed with different settings (skull strip, N4, registration, voxel size); "
              "refused by default. store.json records which subject had which.")] = False,
@@ -227,7 +264,7 @@ def pack(
 
     path = pack_fn(work, out, multiple=multiple, seed=seed, split=(1 - val - test, val, test), overwrite=overwrite,
                    allow_mixed=allow_mixed_preprocessing)
-    typer.echo(f"slice store: {path}")
+    typer.echo(f"slice store: {path}\n{_cores(threads)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,6 +290,11 @@ def train(
                                               "training settings; a --set model.* that changes the architecture "
                                               "is refused. The new model records the source's sha256 "
                                               "(init_from).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use, per process under DDP "
+                                                "(trainer.threads; default: $SLURM_CPUS_PER_TASK, "
+                                                "else the CPU affinity mask; never more than the mask allows). "
+                                                "ITK, OpenMP/torch and BLAS get the same number.",
+                                                show_default=False)] = None,
 ) -> None:
     """Train the attention residual U-net (or the WGAN-GP variant) and write a self-describing model folder.
 
@@ -264,10 +306,12 @@ def train(
 
     if perceptual is not None:
         overrides["loss.perceptual"] = perceptual
+    if threads is not None:
+        overrides["trainer.threads"] = str(threads)
     model_dir = train_fn(store, out, preset=preset, overrides=overrides, resume=resume, device=device,
                          devices=devices, num_nodes=num_nodes, init=init)
     if is_global_zero():  # DDP: every rank runs this command; rank 0 wrote the model folder
-        typer.echo(f"model folder: {model_dir}")
+        typer.echo(f"model folder: {model_dir}\n{_cores(threads)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -355,6 +399,15 @@ def predict(
                                            "thesis models: the faster of fp32 and bf16, measured), 32 or bf16 (on a "
                                            "CPU: bf16 weights, half the memory).")] = "auto",
     qc: Annotated[bool, typer.Option("--qc", help="Then write the cohort QC page OUT/qc.html (`synth7t qc`).")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use "
+                                                "(default: $SLURM_CPUS_PER_TASK, "
+                                                "else the CPU affinity mask; never more than the mask allows). "
+                                                "ITK, OpenMP/torch and BLAS get the same number.",
+                                                show_default=False)] = None,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Preprocess each scan at one thread in a "
+                                                "worker process (N4, skull stripping, registration repeat bit for "
+                                                "bit whatever the core count); the network's own float order is "
+                                                "not forced.")] = False,
 ) -> None:
     """Turn raw 3T T1w scans into synthetic 7T brains, in the input's own world space.
 
@@ -364,7 +417,9 @@ def predict(
 
     With --bids BIDS_DIR, every T1w of a BIDS dataset is predicted into the BIDS derivatives dataset OUT
     (sub-X/anat or sub-X/ses-Y/anat: ..._desc-synth7T_T1w.nii.gz, a brain mask and JSON sidecars).
-    --shard K/N splits a cohort for a cluster array; finished scans are skipped on reruns.
+    --shard K/N splits a cohort for a cluster array; finished scans are skipped on reruns (redone when their input
+    or settings changed). Each scan's files are staged in OUT/.synth7t-staging and installed whole, its record
+    last. Exit status: 0 all done, 1 some failed (listed in OUT/logs/predict*.json), 2 bad usage.
     """
     from synth7t.errors import ConfigError
     from synth7t.inference import PredictOptions
@@ -384,11 +439,12 @@ def predict(
     opts = PredictOptions(preprocessed=preprocessed, age=age, sex=sex, diagnosis=diagnosis, tta=tta,
                           rescale=rescale, resample_to_input=resample_to_input, overwrite=overwrite,
                           device=device, batch_size=batch_size, skullstrip=skullstrip, precision=precision,
-                          n4=n4, voxel_size_mm=voxel_size, shard=_parse_shard(shard), workers=workers)
+                          n4=n4, voxel_size_mm=voxel_size, shard=_parse_shard(shard), workers=workers,
+                          threads=threads, deterministic=deterministic)
     result = predict_fn(model, inputs, out, opts, bids=query)
     typer.echo(result.summary())
     if qc:
-        qc_page(out)
+        qc_page(out, threads=threads)
     if result.failed:
         raise typer.Exit(code=1)
 
@@ -404,6 +460,15 @@ def qc_page(
                                         "derivatives folder).")],
     page: Annotated[Path | None, typer.Option("--page", "-o", help="The HTML page to write (default OUT/qc.html); "
                                               "its .csv and .json tables go next to it.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Outputs summarised in parallel processes (default: "
+                                             "one per core, at most 8, from 16 outputs on); the page is the "
+                                             "same.",
+                                             show_default=False)] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use "
+                                                "(default: $SLURM_CPUS_PER_TASK, "
+                                                "else the CPU affinity mask; never more than the mask allows). "
+                                                "ITK, OpenMP/torch and BLAS get the same number.",
+                                                show_default=False)] = None,
 ) -> None:
     """Cohort QC page: a row per prediction output, with thumbnails, brain volume, uncertainty and flags.
 
@@ -414,7 +479,7 @@ def qc_page(
     """
     from synth7t.cohortqc import build_qc
 
-    result = build_qc(out, page)
+    result = build_qc(out, page, jobs=jobs, threads=threads)
     typer.echo(result.line())
 
 

@@ -13,6 +13,7 @@ name, not both) column telling them apart, all with the same ``t7`` and covariat
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import hmac
 import math
@@ -310,13 +311,24 @@ class BidsMatch:
     """How 3T and 7T scans are told apart in a BIDS folder: a BIDS entity and its value for each field strength.
 
     The default matches ``ses-3T`` / ``ses-7T``; ``entity="acq", t3="3T", t7="7T"`` matches
-    ``sub-01_acq-3T_T1w.nii.gz``. Values are compared case-insensitively.
+    ``sub-01_acq-3T_T1w.nii.gz``. Values are compared case-insensitively. ``t3`` may also be a shell-style pattern
+    or a comma-separated list of values and patterns (``"3T*"`` matches ``ses-3T1`` and ``ses-3T2``; ``"3Ta,3Tb"``):
+    a person with several matching 3T scans gets one training pair per 3T with its one 7T (a value that also
+    matches ``t7`` is a 7T).
     """
 
     entity: str = "ses"
     t3: str = "3T"
     t7: str = "7T"
     suffix: str = "T1w"
+
+    def kind(self, value: str) -> str | None:
+        """``"t7"``, ``"t3"`` or None for an entity value."""
+        value = value.lower()
+        if value == self.t7.lower():
+            return "t7"
+        patterns = [p.strip().lower() for p in self.t3.split(",") if p.strip()]
+        return "t3" if any(fnmatch.fnmatchcase(value, p) for p in patterns) else None
 
 
 def _entities(name: str) -> dict[str, str]:
@@ -326,7 +338,9 @@ def _entities(name: str) -> dict[str, str]:
 
 
 def read_bids(root: str | Path, match: BidsMatch | None = None, *, require_t7: bool = False) -> list[Subject]:
-    """Discover 3T/7T T1w pairs in a BIDS folder; covariates come from ``participants.tsv`` when present."""
+    """Discover 3T/7T T1w pairs in a BIDS folder (:class:`BidsMatch`); several 3T scans of one person with its one
+    7T become one row each (``session``: the 3T's entity value). Covariates come from ``participants.tsv`` and, per
+    session, the age from ``sub-<label>/sub-<label>_sessions.tsv`` where it has one (:func:`bids_covariates`)."""
     match = match or BidsMatch()
     root = Path(root)
     if not root.is_dir():
@@ -336,30 +350,32 @@ def read_bids(root: str | Path, match: BidsMatch | None = None, *, require_t7: b
         ent = _entities(f.name)
         if ent.get("suffix") != match.suffix or "sub" not in ent:
             continue
-        value = (ent.get(match.entity) or "").lower()
-        kind = "t3" if value == match.t3.lower() else "t7" if value == match.t7.lower() else None
+        kind = match.kind(ent.get(match.entity) or "")
         if kind:
             found.setdefault(ent["sub"], {"t3": [], "t7": []})[kind].append(f)
-    covs = _participants(root)
     subjects, problems = [], []
     for sid, files in sorted(found.items()):
-        for kind in ("t3", "t7"):
-            if len(files[kind]) > 1:
-                problems.append(f"sub-{sid}: {len(files[kind])} {kind} scans match, expected one")
+        if len(files["t7"]) > 1:
+            problems.append(f"sub-{sid}: {len(files['t7'])} t7 scans match, expected one")
         if not files["t3"]:
             problems.append(f"sub-{sid}: no 3T scan ({match.entity}-{match.t3})")
             continue
         if require_t7 and not files["t7"]:
             problems.append(f"sub-{sid}: no 7T scan ({match.entity}-{match.t7})")
             continue
-        row = covs.get(f"sub-{sid}", {})
-        try:
-            subjects.append(Subject(subject=f"sub-{sid}", t3=files["t3"][0],
-                                    t7=files["t7"][0] if files["t7"] else None,
-                                    age=parse_age(row.get("age")), sex=parse_sex(row.get("sex")),
-                                    diagnosis=parse_diagnosis(row.get("diagnosis"))))
-        except ValueError as exc:
-            problems.append(f"sub-{sid}: participants.tsv: {exc}")
+        several = len(files["t3"]) > 1
+        if several and not files["t7"]:
+            problems.append(f"sub-{sid}: {len(files['t3'])} 3T scans match but no 7T ({match.entity}-{match.t7}) "
+                            "to pair them with")
+            continue
+        labels = _scan_labels(files["t3"], match.entity) if several else [None]
+        for f, label in zip(files["t3"], labels, strict=True):
+            try:
+                cov = bids_covariates(root, f"sub-{sid}", _entities(f.name).get("ses"))
+                subjects.append(Subject(subject=f"sub-{sid}", t3=f, t7=files["t7"][0] if files["t7"] else None,
+                                        session=label, **cov))
+            except ValueError as exc:
+                problems.append(f"sub-{sid}: {exc}")
     if problems:
         raise ManifestError(root, problems)
     if not subjects:
@@ -367,12 +383,57 @@ def read_bids(root: str | Path, match: BidsMatch | None = None, *, require_t7: b
     return subjects
 
 
+def _scan_labels(files: list[Path], entity: str) -> list[str]:
+    """A label per 3T scan of one person: its ``entity`` value, or all its entities but ``sub`` when two share it."""
+    values = [_entities(f.name).get(entity, "") for f in files]
+    if len(set(values)) == len(values):
+        return values
+    return ["_".join(f"{k}-{v}" for k, v in _entities(f.name).items() if k not in ("sub", "suffix")) for f in files]
+
+
+def _read_tsv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    return list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines(), delimiter="\t"))
+
+
 def _participants(root: Path) -> dict[str, dict[str, str]]:
-    f = root / "participants.tsv"
-    if not f.exists():
-        return {}
-    rows = csv.DictReader(f.read_text(encoding="utf-8-sig").splitlines(), delimiter="\t")
-    return {r.get("participant_id", ""): r for r in rows}
+    return {r.get("participant_id", ""): r for r in _read_tsv(root / "participants.tsv")}
+
+
+def _sessions(root: Path, participant: str) -> dict[str, dict[str, str]]:
+    """``sub-<label>/sub-<label>_sessions.tsv`` by ``session_id`` (``ses-<label>``); empty where absent."""
+    rows = _read_tsv(root / participant / f"{participant}_sessions.tsv")
+    return {r.get("session_id", ""): r for r in rows}
+
+
+def bids_covariates(root: Path, participant: str, session: str | None, *, tables: dict | None = None) -> dict:
+    """``{"age", "sex", "diagnosis"}`` of one scan of a BIDS dataset: sex and diagnosis from ``participants.tsv``,
+    the age from the session's row of ``sub-<label>_sessions.tsv`` when it gives one (ages change between
+    sessions), else from ``participants.tsv``. ``ValueError`` names the table of a value that cannot be read.
+    ``tables``: a cache (dict) shared by the calls of one dataset."""
+    tables = {} if tables is None else tables
+    if "participants" not in tables:
+        tables["participants"] = _participants(root)
+    row = tables["participants"].get(participant, {})
+    out = {}
+    for key, parse in (("age", parse_age), ("sex", parse_sex), ("diagnosis", parse_diagnosis)):
+        try:
+            out[key] = parse(row.get(key))
+        except ValueError as exc:
+            raise ValueError(f"participants.tsv: {exc}") from None
+    if session is not None:
+        key = f"sessions:{participant}"
+        if key not in tables:
+            tables[key] = _sessions(root, participant)
+        ses_row = tables[key].get(f"ses-{session}", {})
+        try:
+            age = parse_age(ses_row.get("age"))
+        except ValueError as exc:
+            raise ValueError(f"{participant}_sessions.tsv: ses-{session}: {exc}") from None
+        if age is not None:
+            out["age"] = age
+    return out
 
 
 def load_cohort(source: str | Path, *, bids: BidsMatch | None = None, require_t7: bool = False) -> list[Subject]:

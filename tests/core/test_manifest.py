@@ -139,3 +139,40 @@ def test_several_scans_errors_name_the_rows(scans):
     (scans / "no7.csv").write_text("subject,t3,session\nA,a3.nii.gz,1\nA,b3.nii.gz,2\n")
     with pytest.raises(ManifestError, match="rows 2, 3: subject 'A' has several 3T scans but no 7T"):
         read_manifest(scans / "no7.csv")
+
+
+def _bids_tree(root, scans: dict[str, list[str]]):
+    for sub, sessions in scans.items():
+        for ses in sessions:
+            d = root / f"sub-{sub}" / f"ses-{ses}" / "anat"
+            d.mkdir(parents=True)
+            (d / f"sub-{sub}_ses-{ses}_T1w.nii.gz").write_bytes(b"x")
+
+
+def test_bids_several_3t_sessions_per_7t_with_session_ages(tmp_path):
+    _bids_tree(tmp_path, {"01": ["3T1", "3T2", "7T"], "02": ["3T", "7T"]})
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t60\tF\nsub-02\t70\tM\n")
+    (tmp_path / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-3T1\t64.2\nses-3T2\tn/a\n")
+    with pytest.raises(ManifestError, match=r"sub-01: no 3T scan \(ses-3T\)"):  # exact value: as before
+        read_bids(tmp_path)
+    for pattern in ("3T*", "3t1,3T2,3T"):
+        subs = read_bids(tmp_path, BidsMatch(t3=pattern))
+        assert [(s.subject, s.session, s.age, s.sex) for s in subs] == [
+            ("sub-01", "3T1", 64.2, "F"), ("sub-01", "3T2", 60, "F"), ("sub-02", None, 70, "M")]
+        assert {s.t7.name for s in subs[:2]} == {"sub-01_ses-7T_T1w.nii.gz"}
+    from synth7t.preprocess.multiscan import group_rows
+
+    assert [len(g) for g in group_rows(subs)] == [2, 1]  # one unit per person: its 7T processed once
+    (tmp_path / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-3T1\told\n")
+    with pytest.raises(ManifestError, match=r"sub-01: sub-01_sessions.tsv: ses-3T1: .*old"):
+        read_bids(tmp_path, BidsMatch(t3="3T*"))
+
+
+def test_bids_several_7t_or_3t_without_7t_are_refused_in_one_line(tmp_path):
+    _bids_tree(tmp_path, {"01": ["3Ta", "3Tb"], "02": ["3T", "7T"]})
+    d = tmp_path / "sub-02" / "ses-7T" / "anat"
+    (d / "sub-02_ses-7T_run-2_T1w.nii.gz").write_bytes(b"x")
+    with pytest.raises(ManifestError) as err:
+        read_bids(tmp_path, BidsMatch(t3="3T*"))
+    msg = str(err.value)
+    assert "\n" not in msg and "sub-01: 2 3T scans match but no 7T" in msg and "sub-02: 2 t7 scans match" in msg

@@ -60,7 +60,7 @@ def test_bids_derivatives_are_valid_and_resume(raw, tiny_model, tmp_path):
     files = [f for f in files if f not in figures]
     assert len(figures) == 2 * len(SCANS) and all(f.endswith(".png") for f in figures)
     stems = [s.removesuffix("_T1w.nii.gz") for s in SCANS]
-    assert files == sorted([".bidsignore", "README.md", "dataset_description.json"]
+    assert files == sorted([".bidsignore", "README.md", "dataset_description.json", "logs/predict.json"]
                            + [f"{s}_{out}" for s in stems for out in (
                                "desc-synth7T_T1w.nii.gz", "desc-synth7T_T1w.json", "desc-brain_mask.nii.gz",
                                "desc-brain_mask.json", "desc-synth7TUncertainty_T1w.nii.gz",
@@ -139,3 +139,20 @@ def test_bad_bids_input_is_one_line(raw, tiny_model, tmp_path):
     assert code == 2 and "need --bids" in out
     with pytest.raises(InputError, match="raw BIDS dataset"):
         predict(tiny_model, None, raw, PredictOptions(preprocessed=True), progress=False, bids=BidsQuery(raw))
+
+
+def test_session_ages_from_sessions_tsv(raw):
+    (raw / "sub-02" / "sub-02_sessions.tsv").write_text("session_id\tage\nses-1\t66.5\nses-2\tn/a\n")
+    jobs = {j.subject: j for j in collect_bids(BidsQuery(raw), PredictOptions())}
+    assert jobs["sub-02_ses-1_acq-mp2_run-1_T1w"].age == 66.5  # the age at that session
+    assert jobs["sub-02_ses-2_T1w"].age == 64.5  # none given for it: participants.tsv's
+
+
+def test_raw_link_never_climbs_above_the_raw_dataset(raw, tmp_path):
+    from synth7t.inference.bids import raw_link
+
+    assert raw_link(raw, raw / "derivatives" / "synth7t") == "../.."
+    assert raw_link(raw, tmp_path / "elsewhere" / "deriv") is None  # "../../bids" would name folders above it
+    desc = json.loads((raw / "dataset_description.json").read_text())
+    (raw / "dataset_description.json").write_text(json.dumps({**desc, "DatasetDOI": "10.18112/openneuro.x"}))
+    assert raw_link(raw, tmp_path / "elsewhere" / "deriv") == "doi:10.18112/openneuro.x"

@@ -152,3 +152,29 @@ def test_shard_keeps_a_persons_scans_together(cohort):
     other = Subject("A-single", cohort[0].t3, cohort[0].t7)
     shards = [select_shard([*cohort, other], (k, 2)) for k in range(2)]
     assert [s.subject for s in shards[0]] == ["A-single"] and [s.session for s in shards[1]] == list(DATES)
+
+
+def test_bids_sessions_of_one_person_are_pairs_with_their_own_ages(cohort, tmp_path, count_7t):
+    """--bids-3t '3T*': ses-3T1 and ses-3T2 of one person, its one ses-7T; ages at each session from
+    sessions.tsv reach subject.json (rounded) and the slice store's entries of the two pairs."""
+    from synth7t.dataset.pack import _check_folder
+    from synth7t.manifest import BidsMatch, load_cohort
+
+    root = tmp_path / "bids"
+    for ses, src in (("3T1", cohort[0].t3), ("3T2", cohort[1].t3), ("7T", cohort[0].t7)):
+        d = root / "sub-77" / f"ses-{ses}" / "anat"
+        d.mkdir(parents=True)
+        shutil.copy(src, d / f"sub-77_ses-{ses}_T1w.nii.gz")
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\nsub-77\t70\tM\n")
+    (root / "sub-77" / "sub-77_sessions.tsv").write_text("session_id\tage\nses-3T1\t70.2\nses-3T2\t72.9\n")
+    rows = load_cohort(root, bids=BidsMatch(t3="3T*"))
+    work = tmp_path / "work"
+    res = preprocess(rows, work, pseudonym_key=KEY, **FAST)
+    assert sorted(res.done) == ["sub-77/3T1", "sub-77/3T2"] and len(count_7t) == 1
+    person = work / pseudonym("sub-77", KEY)
+    codes = multiscan.scan_codes(rows, KEY)
+    subj = json.loads((person / "subject.json").read_text())
+    assert {c: s["age"] for c, s in subj["scans"].items()} == {codes["3T1"]: 70, codes["3T2"]: 73}
+    for ses, age in (("3T1", 70), ("3T2", 73)):
+        _, cand = _check_folder(person / "scans" / codes[ses], person)
+        assert cand.scan["age"] == age and cand.scan["person"] == person.name

@@ -202,4 +202,5 @@ def test_threads_follow_the_usable_cores_not_the_machine(tmp_path, caplog, monke
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     with caplog.at_level("INFO", logger="synth7t.preprocess.pipeline"):
         preprocess([], tmp_path / "work", pseudonym_key=KEY, **{**FAST, "jobs": 2})
-    assert any("(jobs 2, 3 thread(s) each" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("(jobs 2, cores: 6 (CPU affinity), 3 thread(s) each" in r.getMessage()
+               for r in caplog.records), caplog.text

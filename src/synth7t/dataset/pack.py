@@ -139,8 +139,9 @@ def _check_folder(folder: Path, base: Path | None = None) -> tuple[str, _Candida
         return str(exc), None
     scan = None
     if base is not None:
-        scan = {"person": base.name, "scan": folder.name,
-                "gap_days": ((subject.get("scans") or {}).get(folder.name) or {}).get("gap_days")}
+        facts = (subject.get("scans") or {}).get(folder.name) or {}
+        scan = {"person": base.name, "scan": folder.name, "gap_days": facts.get("gap_days"),
+                **({"age": facts["age"]} if "age" in facts else {})}  # the age at that scan (BIDS sessions.tsv)
     if qc.get("rejected", False):
         return "rejected by QC: " + "; ".join(str(r) for r in qc.get("reasons", [])), None
     for name in ("t3.nii.gz", "mask.nii.gz"):

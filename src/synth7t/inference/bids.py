@@ -3,7 +3,8 @@
 Discovery (:func:`collect_bids`): every ``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` of a BIDS dataset (a folder with a
 ``dataset_description.json``), optionally only some participants (labels with or without ``sub-``) and sessions
 (with or without ``ses-``). Covariates (age, sex, diagnosis) come from ``participants.tsv`` where it has those
-columns, read as manifests are (:mod:`synth7t.manifest`); a value the model cannot use is logged and left unknown;
+columns, read as manifests are (:mod:`synth7t.manifest`), the age at a session from ``sub-X/sub-X_sessions.tsv``
+where it gives one; a value the model cannot use is logged and left unknown;
 ``--age``/``--sex``/``--diagnosis`` fill what the table leaves empty.
 
 Layout (:class:`BidsLayout`), after the BIDS derivatives specification (common derivatives for imaging data):
@@ -20,7 +21,9 @@ Each has a JSON sidecar: ``Description``, ``Sources`` and ``SpatialReference`` (
 raw dataset>``), the model's sha256 and preset, and the prediction settings; the synthetic T1w's sidecar also holds
 the whole provenance record and is written last, so that its presence marks a finished scan (reruns skip those).
 No sidecar holds an absolute path or anything read from an input's header. ``DERIV/dataset_description.json``
-says ``DatasetType: derivative``, ``GeneratedBy: synth7t`` and links ``raw`` to the raw dataset by relative path.
+says ``DatasetType: derivative``, ``GeneratedBy: synth7t`` and links ``raw`` to the raw dataset (:func:`raw_link`):
+by relative path when DERIV is inside it (``../..``), else by its ``DatasetDOI``; a path that climbs out of the raw
+dataset's folder would name the folders above it, so it is never written.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from synth7t.manifest import (
     Subject,
     _entities,
     _participants,
+    bids_covariates,
     option_covariates,
     parse_age,
     parse_diagnosis,
@@ -78,7 +82,8 @@ class BidsQuery:
         return f" with {' and '.join(parts)}" if parts else ""
 
 
-BIDSIGNORE = ("*/figures", "qc.html", "qc.csv", "qc.json")  # what synth7t qc adds to a derivatives dataset
+# what synth7t qc adds to a derivatives dataset, and predict's run records
+BIDSIGNORE = ("*/figures", "qc.html", "qc.csv", "qc.json", "logs/")
 
 
 def _label(value: str, entity: str) -> str:
@@ -114,6 +119,7 @@ def collect_bids(query: BidsQuery, opts) -> list[Subject]:
     """BIDS T1w scans -> jobs named by file (``sub-01_ses-1_T1w``), with covariates; ``opts``'s fill gaps."""
     default = option_covariates(opts)
     table = _participants(query.root)
+    tables: dict = {"participants": {}}  # sessions.tsv cache; participants.tsv read leniently above
     jobs, seen = [], set()
     for f in find_t1w(query):
         rel = f.relative_to(query.root).as_posix()
@@ -121,7 +127,8 @@ def collect_bids(query: BidsQuery, opts) -> list[Subject]:
         if name in seen:
             raise InputError(f"{f.parent}: {name} exists as .nii and .nii.gz; keep one")
         seen.add(name)
-        row = table.get(f.relative_to(query.root).parts[0], {})
+        participant = f.relative_to(query.root).parts[0]
+        row = table.get(participant, {})
         cov = {}
         for key, parse in (("age", parse_age), ("sex", parse_sex), ("diagnosis", parse_diagnosis)):
             try:
@@ -129,10 +136,35 @@ def collect_bids(query: BidsQuery, opts) -> list[Subject]:
             except ValueError as exc:
                 log.warning("%s: participants.tsv: %s; predicted with %s unknown", rel, exc, key)
                 cov[key] = None
-            if cov[key] is None:
-                cov[key] = default[key]
+        session = _entities(f.name).get("ses")
+        if session is not None:  # the age at this session (sessions.tsv) before the participant's
+            try:
+                age = bids_covariates(query.root, participant, session, tables=tables)["age"]
+            except ValueError as exc:
+                log.warning("%s: %s; its age from participants.tsv", rel, exc)
+            else:
+                cov["age"] = age if age is not None else cov["age"]
+        cov = {k: default[k] if v is None else v for k, v in cov.items()}
         jobs.append(Subject(name, f, **cov, extra={"bids_path": rel}))
     return jobs
+
+
+def raw_link(raw: Path, deriv: Path) -> str | None:
+    """``DatasetLinks.raw`` of the derivatives: the relative path up from ``deriv`` when it lies inside ``raw``
+    (``../..`` for ``raw/derivatives/synth7t``), else the raw dataset's ``DatasetDOI`` (``doi:...``), else None
+    (the link is left out: a path from elsewhere would reveal the folders above the raw dataset)."""
+    raw_r, deriv_r = Path(raw).resolve(), Path(deriv).resolve()
+    if deriv_r.is_relative_to(raw_r):
+        return Path(os.path.relpath(raw_r, deriv_r)).as_posix()
+    try:
+        doi = read_json(raw_r / "dataset_description.json").get("DatasetDOI")
+    except InputError:
+        doi = None
+    if isinstance(doi, str) and doi.strip():
+        return doi.strip() if doi.strip().startswith("doi:") else f"doi:{doi.strip()}"
+    log.info("%s is outside the raw dataset and it has no DatasetDOI: DatasetLinks.raw is left out (a relative "
+             "path would name the folders above it)", deriv)
+    return None
 
 
 def derivative_name(source: str, desc: str, suffix: str, space: str | None = None) -> str:
@@ -164,14 +196,13 @@ class BidsLayout:
             names = [g.get("Name") for g in old.get("GeneratedBy", []) if isinstance(g, dict)]
             if old.get("DatasetType") != "derivative" or PIPELINE not in names:
                 raise InputError(f"{desc}: this folder holds another dataset; give an empty or synth7t folder")
-        link = os.path.relpath(self.raw.resolve(), self.deriv.resolve())
         write_json(desc, {
             "Name": "synth7t: synthetic 7T-like T1w brains",
             "BIDSVersion": BIDS_VERSION,
             "DatasetType": "derivative",
             "GeneratedBy": [{"Name": PIPELINE, "Version": __version__,
                              "Description": "3T T1w -> synthetic 7T-like T1w brain (2.5D attention residual U-net)"}],
-            "DatasetLinks": {"raw": Path(link).as_posix()},
+            **({"DatasetLinks": {"raw": link}} if (link := raw_link(self.raw, self.deriv)) else {}),
         })
         if not (self.deriv / "README.md").exists():
             write_text(self.deriv / "README.md", "# synth7t derivatives\n\nSynthetic 7T-like T1w brains predicted "

@@ -1,10 +1,13 @@
 """Many scans: collect the inputs (files, folders, manifests, BIDS), shard them, prefetch their preprocessing in
-workers (:mod:`synth7t.inference.prefetch`), predict each, write its outputs atomically in the plain or BIDS
-layout with provenance last, and keep going when one scan fails."""
+workers (:mod:`synth7t.inference.prefetch`), predict each, stage its outputs and install them whole in the plain or
+BIDS layout with provenance last (:mod:`synth7t.inference.outputs`), keep going when one scan fails (stop when the
+output disk is full), and write the run record ``OUT/logs/predict*.json`` with one entry per failure."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import torch
 from synth7t import __version__
 from synth7t.errors import InputError, Synth7tError
 from synth7t.inference.predictor import OUTPUT_NAME, RUN_TIME_OPTIONS, PredictOptions, Predictor, PredictResult
-from synth7t.inference.prefetch import default_workers, failure_message, prefetched
+from synth7t.inference.prefetch import default_workers, failure_message, prefetched, worker_threads
 from synth7t.inference.volume import finish_prediction, on_input_grid, resolve_steps
 from synth7t.io import is_nifti_path, nifti_stem, save_volume, write_json
 from synth7t.manifest import Subject, option_covariates
@@ -77,7 +80,8 @@ class PlainLayout:
         return paths["syn7t"].exists() and paths["record"].exists()
 
     def record(self, job: Subject, prov: dict, written: dict[str, Path]) -> None:
-        write_json(self.paths(job)["record"], prov)
+        """provenance.json beside the written (staged) image."""
+        write_json(Path(written["syn7t"]).parent / self.paths(job)["record"].name, prov)
 
 
 def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path | None, out: str | Path,
@@ -114,56 +118,129 @@ def predict(model_dir: str | Path, inputs: list[str | Path] | str | Path | None,
     log.info("preprocessing: %s", ", ".join(f"{k} {v['value']} ({v['source']})" for k, v in steps.items()))
     layout.begin(predictor, opts)
     result, todo = PredictResult(), []
+    from synth7t.inference import outputs
     from synth7t.inference.template import missing_covariates
+    from synth7t.parallel import apply_threads, resolve_cores
 
+    cores = resolve_cores(opts.threads)
+    apply_threads(cores.n)  # the network's threads (and those of inline preprocessing)
+    stage_root = outputs.clear_staging(Path(out), opts.shard)
+    settings = outputs.settings_sha256(predictor.checksum, _parameters(opts), steps)
+    fingerprints: dict[str, str] = {}
     for job in jobs:
+        paths = layout.paths(job)
+        if outputs.remove_partial(paths):
+            log.info("%s: removed the partial outputs of an interrupted run", job.subject)
         missing = missing_covariates(predictor.config, {k: getattr(job, k) for k in ("age", "sex", "diagnosis")})
         if missing:  # refused before any preprocessing: this model cannot run without them
             result.failed[str(job.t3)] = (f"{job.t3}: the model needs {' and '.join(missing)}, which this scan "
                                           "lacks (give --age/--sex or a manifest/participants.tsv with them)")
             log.error("%s", result.failed[str(job.t3)])
-        elif layout.complete(job) and not opts.overwrite:
-            paths = layout.paths(job)
-            result.skipped.append(paths.get("folder", paths["syn7t"]))
-            log.info("%s: output exists, skipped (use --overwrite to redo)", job.subject)
-        else:
-            todo.append(job)
+            continue
+        try:
+            fingerprints[job.subject] = outputs.file_sha256(job.t3)
+        except OSError as exc:
+            fingerprints[job.subject] = f"unreadable: {exc.strerror}"  # reported by the scan's loading
+        if layout.complete(job) and not opts.overwrite:
+            if outputs.up_to_date(outputs.read_record(paths["record"]), fingerprints[job.subject], settings):
+                result.skipped.append(paths.get("folder", paths["syn7t"]))
+                log.info("%s: output exists, skipped (use --overwrite to redo)", job.subject)
+                continue
+            log.info("%s: input or settings changed since its output was made: redone", job.subject)
+        todo.append(job)
     predictor.show_progress = progress and len(todo) == 1 and predictor.template is not None
     if predictor.template is not None and todo:
         _announce_cost(predictor, opts, len(todo))
-    workers = default_workers(len(todo), predictor.device.type) if opts.workers is None else opts.workers
+    workers = default_workers(len(todo), predictor.device.type, cores.n) if opts.workers is None else opts.workers
+    if opts.deterministic and todo:  # preprocessing at one thread in a worker: the same bits on any core count
+        workers = max(1, workers)
+    threads = 1 if opts.deterministic else worker_threads(workers, predictor.device.type, cores.n)
+    result.cores = f"{cores.describe()}; network {torch.get_num_threads()} thread(s), " + (
+        f"{workers} preprocessing worker(s) x {threads} thread(s)" if workers else "preprocessing inline")
     ahead = prefetched(todo, predictor.prep_spec, steps, preprocessed=opts.preprocessed,
-                       keep_input=opts.resample_to_input, workers=workers, device_type=predictor.device.type)
+                       keep_input=opts.resample_to_input, workers=workers, device_type=predictor.device.type,
+                       threads=threads)
+    run = {"fingerprints": fingerprints, "settings": settings, "stage_root": stage_root}
+    stopped = None
     for job, prep, error in progress_bar(ahead, "predict", enabled=progress and len(todo) > 1, total=len(todo)):
+        if stopped is not None:
+            result.failed[str(job.t3)] = f"{job.t3}: not started: {stopped}"
+            continue
         t0 = time.perf_counter()
         try:
             if error is not None:
                 raise _PreparationFailed(error)
-            main = _predict_job(predictor, job, layout, opts, prep)
+            main = _predict_job(predictor, job, layout, opts, prep, run)
         except Exception as exc:  # one bad scan must not stop a cohort; the reason is kept
             result.failed[str(job.t3)] = failure_message(exc)
-            if isinstance(exc, Synth7tError):
+            if outputs.is_disk_full(exc):  # every later scan would fail the same way: stop, say so
+                stopped = f"the output disk is full ({failure_message(exc)})"
+                result.failed[str(job.t3)] = f"{job.t3}: {stopped}"
+                log.error("%s: %s; stopping (rerun when there is space: finished scans are kept)", job.t3, stopped)
+            elif isinstance(exc, Synth7tError):
                 log.error("%s", exc)
             else:
                 log.exception("%s: failed", job.t3)
+            shutil.rmtree(stage_root / job.subject, ignore_errors=True)
             continue
         result.done.append(main)
+        result.threads_seen.add(json.dumps(prep.get("threads", {}), sort_keys=True))
         result.seconds[job.subject] = sum(prep["timings"].values()) - prep["timings"]["network"] \
             + time.perf_counter() - t0
         log.info("%s: done in %.1f s -> %s", job.subject, result.seconds[job.subject], main)
+    shutil.rmtree(stage_root, ignore_errors=True)
+    _record_run(Path(out), opts, result, jobs, bids)
     return result
+
+
+def _parameters(opts: PredictOptions) -> dict:
+    """The prediction settings an output records (and its fingerprint hashes): no covariates, no run-time
+    options."""
+    return {k: v for k, v in vars(opts).items() if k not in ("age", "sex", "diagnosis", *RUN_TIME_OPTIONS)}
+
+
+def _record_run(out: Path, opts: PredictOptions, result: PredictResult, jobs: list[Subject], bids) -> None:
+    """The machine-readable run record (:func:`synth7t.inference.outputs.write_run_record`): inputs named relative
+    to the BIDS root (or by file name), reasons without the folders above them."""
+    from synth7t.inference import outputs
+
+    by_input = {str(j.t3): j for j in jobs}
+    failed = []
+    for key, reason in result.failed.items():
+        job = by_input.get(key)
+        name = job.extra.get("bids_path", job.t3.name) if job is not None else Path(key).name
+        text = reason if not reason.startswith(f"{key}: ") else reason[len(key) + 2:]
+        for above in {key, str(Path(key).resolve())}:
+            text = text.replace(above, name)
+        if bids is not None:
+            for root in {str(bids.root), str(Path(bids.root).resolve())}:
+                text = text.replace(root.rstrip("/") + "/", "")
+        failed.append({"input": name, "reason": text})
+    record = {"command": "predict", "synth7t_version": __version__,
+              "shard": None if opts.shard is None else list(opts.shard),
+              "exit_code": 1 if result.failed else 0,
+              "counts": {"done": len(result.done), "skipped": len(result.skipped), "failed": len(result.failed)},
+              "cores": result.cores, "preprocessing_threads": [json.loads(t) for t in sorted(result.threads_seen)],
+              "failed": failed}
+    result.record = outputs.write_run_record(out, opts.shard, record)
 
 
 class _PreparationFailed(Synth7tError):
     """Loading or preprocessing a scan failed (inline or in a worker); the message is already formatted."""
 
 
-def _predict_job(predictor: Predictor, job: Subject, layout, opts: PredictOptions, prep: dict) -> Path:
-    paths = layout.paths(job)
-    if paths["syn7t"].resolve() == job.t3.resolve():
+def _predict_job(predictor: Predictor, job: Subject, layout, opts: PredictOptions, prep: dict, run: dict) -> Path:
+    """Predict one scan, write its outputs into its staging folder and install them (record last)."""
+    from synth7t.inference import outputs
+
+    final = layout.paths(job)
+    if final["syn7t"].resolve() == job.t3.resolve():
         raise InputError(f"{job.t3}: output would overwrite the input")
     res = finish_prediction(predictor, prep, opts, covariates={"age": job.age, "sex": job.sex,
                                                                "diagnosis": job.diagnosis})
+    stage = run["stage_root"] / job.subject
+    stage.mkdir(parents=True, exist_ok=True)
+    paths = outputs.staged_paths(final, stage)
     written = {}
     inputs = (job.t3,)
     written["syn7t"] = save_volume(paths["syn7t"], res["syn7t"], inputs=inputs)
@@ -181,8 +258,12 @@ def _predict_job(predictor: Predictor, job: Subject, layout, opts: PredictOption
     from synth7t.cohortqc.thumbs import save_prediction_thumbnails  # for `synth7t qc`: input vs output
 
     save_prediction_thumbnails(written["syn7t"], res)
-    layout.record(job, provenance(predictor, job, opts, res, written), written)  # last: marks the scan done
-    return written["syn7t"]
+    prov = provenance(predictor, job, opts, res, written)
+    prov |= {"input_sha256": run["fingerprints"].get(job.subject), "settings_sha256": run["settings"],
+             "checksums": outputs.checksums(stage)}
+    layout.record(job, prov, written)  # into the stage, beside the images
+    outputs.install(stage, final)  # the record last: marks the scan done
+    return final["syn7t"]
 
 
 def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: dict, written: dict) -> dict:
@@ -200,8 +281,7 @@ def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: di
         "voxel_size_mm": list(res["steps"]["voxel_size_mm"]["value"]),
         "preprocessing": res["steps"],
         "training_preprocessing": predictor.config.get("preprocessing") or {},
-        "parameters": {k: v for k, v in vars(opts).items()
-                       if k not in ("age", "sex", "diagnosis", *RUN_TIME_OPTIONS)},
+        "parameters": _parameters(opts),
         "covariates_given": {k: getattr(job, k) is not None for k in ("age", "sex", "diagnosis")},
         "device": str(predictor.device),
         "timings_s": {k: round(v, 2) for k, v in res["timings"].items()},

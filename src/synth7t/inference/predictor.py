@@ -37,9 +37,11 @@ class PredictOptions:
     voxel_size_mm: float | None = None  # None: the model's training grid
     shard: tuple[int, int] | None = None  # (k, n), 0 <= k < n: every n-th of the jobs sorted by name, from k
     workers: int | None = None  # preprocessing processes ahead of the network; 0: inline; None: automatic
+    threads: int | None = None  # the run's cores (None: SLURM_CPUS_PER_TASK, else the CPU affinity)
+    deterministic: bool = False  # preprocessing at one thread (N4, skull strip, registration repeat bit for bit)
 
 
-RUN_TIME_OPTIONS = ("shard", "workers")  # how a cohort runs, never what an output holds: not in provenance
+RUN_TIME_OPTIONS = ("shard", "workers", "threads")  # how a cohort runs, never what an output holds: not in provenance
 
 
 @dataclass
@@ -48,10 +50,15 @@ class PredictResult:
     skipped: list[Path] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    cores: str | None = None  # the run's cores and how they were shared out
+    record: Path | None = None  # the machine-readable run record (OUT/logs/predict*.json)
+    threads_seen: set = field(default_factory=set)  # thread counts the scans' preprocessing ran with (JSON)
 
     def summary(self) -> str:
         lines = [f"predicted {len(self.done)}, skipped {len(self.skipped)} (outputs exist), failed {len(self.failed)}"]
+        lines += [self.cores] if self.cores else []
         lines += [f"  failed: {v}" if v.startswith(f"{k}: ") else f"  failed: {k}: {v}" for k, v in self.failed.items()]
+        lines += [f"failures listed in {self.record}"] if self.failed and self.record else []
         return "\n".join(lines)
 
 

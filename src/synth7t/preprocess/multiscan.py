@@ -124,8 +124,13 @@ def _error(exc: Exception) -> str:
 
 
 def _subject_json(rows: list[Subject], pseudo: str, codes: dict[str, str]) -> dict:
+    """subject.json of a person: its covariates, and per scan the gap to the 7T and, when the scans' ages differ
+    (a BIDS sessions.tsv), the (rounded) age at that scan."""
     rec = anonymize.subject_record(rows[0], pseudo)
-    rec["scans"] = {codes[r.session]: {"gap_days": r.gap_days} for r in sorted(rows, key=lambda r: codes[r.session])}
+    per_scan_age = len({r.age for r in rows}) > 1
+    rec["scans"] = {codes[r.session]: {"gap_days": r.gap_days,
+                                       **({"age": anonymize.round_age(r.age)} if per_scan_age else {})}
+                    for r in sorted(rows, key=lambda r: codes[r.session])}
     return rec
 
 

@@ -1,8 +1,11 @@
 """``synth7t preprocess``: the resumable cohort runner over raw 3T/7T pairs (the steps of one subject are in
 :mod:`synth7t.preprocess.subject`; several 3T scans with one 7T in :mod:`synth7t.preprocess.multiscan`).
 
-Subjects run in a process pool (``jobs``; spawn-safe), ITK/torch threads are the jobs' share of the CPU cores
-this process may use (:func:`synth7t.parallel.usable_cores`). Each subject's rows go to one unit of work
+Subjects run in a process pool (``jobs``; spawn-safe), ITK/torch threads are the jobs' share of the run's cores
+(:func:`synth7t.parallel.resolve_cores`: ``threads``, else ``SLURM_CPUS_PER_TASK``, else the CPU affinity);
+with ``deterministic`` every subject runs at one thread in a fresh worker process (N4, skull stripping and ANTs then
+repeat bit for bit whatever the cores; ANTs reads its thread count once per process), and ``jobs`` is what uses
+the cores. Each subject's rows go to one unit of work
 (:func:`process_unit`): a single pair or prediction-only scan to :func:`~synth7t.preprocess.subject.process_subject`,
 several 3T scans of one person to :func:`~synth7t.preprocess.multiscan.process_scans`. A failing subject is recorded
 in ``cohort.json`` with its reason (subject ID and file paths replaced by the pseudonym) and does not stop the
@@ -26,9 +29,8 @@ from pydantic import ValidationError
 from synth7t.errors import ConfigError
 from synth7t.io import read_json, write_json
 from synth7t.manifest import Subject, load_cohort
-from synth7t.parallel import select_shard, spawn_pool, usable_cores
+from synth7t.parallel import Cores, resolve_cores, select_shard, spawn_pool
 from synth7t.preprocess import anonymize, multiscan
-from synth7t.preprocess.register import set_threads
 from synth7t.preprocess.subject import PreprocessConfig, describe_cut, process_subject
 
 __all__ = ["PreprocessConfig", "PreprocessResult", "preprocess", "process_unit", "select_shard", "update_cohort"]
@@ -47,11 +49,16 @@ class PreprocessResult:
     pseudonyms: dict[str, str] = field(default_factory=dict)
     work: Path | None = None
     cuts: dict[str, dict] = field(default_factory=dict)  # subject -> {"slices", "mm", "by"} when QC cut slices
+    cores: Cores | None = None
+    threads: int | None = None  # ITK/torch threads of each subject
 
     def summary(self) -> str:
-        """The run's totals, the inferior slices cut per subject (drop-out or manifest) and the failures."""
+        """The run's totals, its cores, the inferior slices cut per subject (drop-out or manifest) and the
+        failures."""
         lines = [f"preprocessed {len(self.done)}, skipped {len(self.skipped)} (already done), "
                  f"rejected by QC {len(self.rejected)}, failed {len(self.failed)}"]
+        if self.cores is not None:
+            lines.append(f"{self.cores.describe()}; {self.threads} thread(s) per subject")
         kept = [sid for sid in (*self.done, *self.skipped) if sid in self.cuts]
         lines.append(f"inferior slices cut: {len(kept)} of {len(self.done) + len(self.skipped)} subject(s)"
                      + (":" if kept else ""))
@@ -141,13 +148,16 @@ def preprocess(manifest_or_subjects: str | os.PathLike | list[Subject], out: str
     if cfg.mapping_file is not None:
         anonymize.write_mapping(Path(cfg.mapping_file), {**names, **multiscan.scan_names(units, names, key)},
                                 work=work)
-    result = PreprocessResult(pseudonyms=dict(names), work=work)
     h = cfg.params_hash()
-    # the cores this process may use (a SLURM job's or taskset's CPU set), not the machine's: sizing from
+    # the cores this run may use (--threads, a SLURM job's or taskset's CPU set), not the machine's: sizing from
     # os.cpu_count() oversubscribed a node shared with other jobs
-    threads = max(1, usable_cores() // cfg.jobs)
-    log.info("preprocessing %d subject(s) into %s (jobs %d, %d thread(s) each, params %s)", len(units),
-             work, cfg.jobs, threads, h)
+    cores = resolve_cores(cfg.threads)
+    if cfg.jobs > cores.n:
+        log.warning("--jobs %d on %d core(s): subjects share cores", cfg.jobs, cores.n)
+    threads = 1 if cfg.deterministic else max(1, cores.n // cfg.jobs)
+    result = PreprocessResult(pseudonyms=dict(names), work=work, cores=cores, threads=threads)
+    log.info("preprocessing %d subject(s) into %s (jobs %d, %s, %d thread(s) each%s, params %s)", len(units),
+             work, cfg.jobs, cores.describe(), threads, ", deterministic" if cfg.deterministic else "", h)
 
     def record(rows: list[Subject], results: list, seconds: float) -> None:
         pseudo = names[rows[0].subject]
@@ -176,8 +186,12 @@ def preprocess(manifest_or_subjects: str | os.PathLike | list[Subject], out: str
 
     prog, task = _progress(cfg.progress, len(subjects))
     with prog:
-        if cfg.jobs == 1:
-            set_threads(threads)
+        # --deterministic always runs subjects in fresh worker processes: ANTs reads its thread count once per
+        # process, so one that registered before (at more threads) would ignore the one-thread setting
+        if cfg.jobs == 1 and not cfg.deterministic:
+            from synth7t.parallel import apply_threads
+
+            apply_threads(threads)
             for rows in units:
                 t0 = time.perf_counter()
                 results = process_unit(rows, names[rows[0].subject], work, cfg, key, threads)

@@ -54,11 +54,15 @@ FAST_AFFINE_ITERATIONS = (500, 250, 100, 0)
 
 class PreprocessConfig(BaseModel):
     """Every setting of :func:`preprocess`. The fields that change outputs are hashed into each ``.done``
-    (:meth:`params_hash`); run-time options (jobs, shard, progress, key/mapping/private paths) are not."""
+    (:meth:`params_hash`), ``deterministic`` among them; run-time options (jobs, threads, shard, progress,
+    key/mapping/private paths) are not."""
 
     model_config = ConfigDict(extra="forbid")
 
     jobs: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1)  # cores of the run (None: SLURM_CPUS_PER_TASK, else the CPU affinity)
+    # one ITK/torch thread per subject (ANTs' repeatable setting): work folders bit-identical whatever the cores
+    deterministic: bool = False
     shard: tuple[int, int] | None = None
     skullstrip: Literal["deepbet", "synthstrip", "threshold"] = "deepbet"
     t3_already_corrected: bool = False
@@ -116,6 +120,8 @@ class PreprocessConfig(BaseModel):
                 "motion_threshold", "seed", "keep_head")
         d = self.model_dump(mode="json", include=set(keys))
         d["pipeline_version"] = PIPELINE_VERSION
+        if self.deterministic:  # only when on: the hash of every earlier work folder stays valid
+            d["deterministic"] = True
         return d
 
     def params_hash(self) -> str:

@@ -8,11 +8,15 @@ validation loaders of a slice store.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from synth7t.config import TrainConfig
 from synth7t.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 
 class EpochIndexed(torch.utils.data.Dataset):
@@ -166,6 +170,19 @@ class ResumableLoader(torch.utils.data.DataLoader):
         self.sampler.resume_at(state["epoch"], int(state["batches"]) * self.batch_size)
 
 
+def loader_workers(cfg: TrainConfig) -> int:
+    """Loader processes: ``data.num_workers``, at most one fewer than the run's cores
+    (:func:`synth7t.parallel.resolve_cores` with ``trainer.threads``): on one core the main process loads.
+    Samples are drawn from their index, so the batches do not depend on it."""
+    from synth7t.parallel import resolve_cores
+
+    cores = resolve_cores(cfg.trainer.threads).n
+    workers = min(cfg.data.num_workers, max(0, cores - 1))
+    if workers < cfg.data.num_workers:
+        log.info("data.num_workers %d -> %d loader process(es) on %d core(s)", cfg.data.num_workers, workers, cores)
+    return workers
+
+
 def collate(batch: list[dict]) -> dict:
     """Stack a list of samples: arrays into tensors, ints into a tensor, anything else into a list."""
     out = {}
@@ -214,7 +231,7 @@ def make_loaders(store, cfg: TrainConfig, seed: int):
     val_ds = SliceDataset(store, "val", augment=None, **ds_kw)
     if len(train_ds) == 0:
         raise InputError(f"{store.root}: the train split has no slices")
-    workers = cfg.data.num_workers
+    workers = loader_workers(cfg)
     common = dict(batch_size=cfg.data.batch_size, num_workers=workers, collate_fn=collate,
                   persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     align = cfg.model.downsample_factor if cfg.data.patch_offsets else 0
@@ -244,8 +261,9 @@ def _make_loaders_3d(store, cfg: TrainConfig, seed: int):
     val_ds = PatchDataset3D(store, "val", d.patch3d, d.val_patches, seed=seed, fixed=True, standardize=reference)
     if len(train_ds) == 0:
         raise InputError(f"{store.root}: the train split has no subject with a 7T")
-    common = dict(batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate,
-                  persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
+    workers = loader_workers(cfg)
+    common = dict(batch_size=d.batch_size, num_workers=workers, collate_fn=collate,
+                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     train = ResumableLoader(EpochIndexed(train_ds), sampler=EpochSampler(len(train_ds), seed, batch_size=d.batch_size),
                             generator=torch.Generator().manual_seed(seed), **common)
     val = None

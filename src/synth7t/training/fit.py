@@ -124,10 +124,13 @@ def train(
     if accelerator == "cpu" and keep_freed_memory():
         log.debug("glibc malloc keeps freed blocks up to 32 MiB (fewer page faults per CPU training step)")
     strategy = _strategy(accelerator, devices, num_nodes, cfg)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
+    if cfg.trainer.threads or accelerator == "cpu":  # the run's cores (synth7t.parallel), or trainer.threads
+        from synth7t.parallel import resolve_cores
+
+        threads = resolve_cores(cfg.trainer.threads).n
+        torch.set_num_threads(threads)
         if strategy != "auto":  # else Lightning's DDP launcher sets cores / processes (OMP_NUM_THREADS unset)
-            os.environ["OMP_NUM_THREADS"] = str(cfg.trainer.threads)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
     precision = resolve_precision(cfg.trainer.precision, accelerator)
     train_loader, val_loader = make_loaders(store_obj, cfg, cfg.trainer.seed)
     module = Synth7tModule(cfg.model_dump(mode="json"))
