@@ -20,13 +20,15 @@ Prints brain PSNR, brain SSIM (3-D), HFEN and tissue DICE, and the model's margi
 off / GMM only / blur+noise+bias only / all; without input standardization; architecture switches), and prints
 one row per variant with its margins on both sets (no DICE, to keep the run short). Writes ``DIR/ablation.json``.
 
-``--variants [LIST]`` (without ``--ablation``) compares the issue 16 options (``benchmarks/variants.py``: tiny,
-wavelet, nyul, match7t, tiny3d, gan_residual; a comma list runs a subset), each trained for ``--minutes``, in one
+``--variants [NAMES]`` (without ``--ablation``) compares the issue 16 options (``benchmarks/variants.py``: tiny,
+wavelet, nyul, match7t, tiny3d, gan_residual) and issue 32's multi-view synthesis (multiview_shared, multiview_three
+and their _median and _learned fusions; ``NAME@sN`` trains with seed N), each trained for ``--minutes``, in one
 table: ``DIR/variants.md`` and ``DIR/variants.json``. ``--subjects`` and ``--no-transfer`` make a quick smoke run.
 
     python benchmarks/quality.py [--out quality-run] [--jobs 2]
     python benchmarks/quality.py --ablation [--minutes 5 | --steps 300] [--variants "augment: none,no AdaDM"]
-    python benchmarks/quality.py --variants [tiny,wavelet] [--minutes 5] [--subjects 18] [--no-transfer]
+    python benchmarks/quality.py --variants [tiny wavelet tiny@s1 multiview_shared ...] [--minutes 5] [--subjects 18]
+        [--no-transfer]
 """
 
 from __future__ import annotations
@@ -164,8 +166,10 @@ def main() -> None:
     p.add_argument("--ablation", action="store_true", help="train the ablation variants instead")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget of each (ablation) variant")
     p.add_argument("--steps", type=int, default=None, help="a step budget per ablation variant instead of --minutes")
-    p.add_argument("--variants", nargs="?", const="", default=None,
-                   help="compare the issue 16 variants (optional comma list); with --ablation: ablation names")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="compare the issue 16 and 32 variants (optional names, space- or comma-separated; NAME@sN "
+                        "trains variant NAME with trainer.seed N, for the run-to-run spread); with --ablation: "
+                        "ablation names")
     from synth7t.pipeline_demo import BENCH_SUBJECTS
 
     p.add_argument("--subjects", type=int, default=18,
@@ -178,9 +182,10 @@ def main() -> None:
     if args.ablation or args.variants is not None:
         import variants as issue16
 
-        known = list(ABLATIONS) if args.ablation else list(issue16.VARIANTS)
-        variants = [v.strip() for v in (args.variants or ",".join(known)).split(",") if v.strip()]
-        unknown = [v for v in variants if v not in known]
+        known = list(ABLATIONS) if args.ablation else issue16.known_variants()
+        asked = ",".join(args.variants or [])
+        variants = [v.strip() for v in (asked or ",".join(known)).split(",") if v.strip()]
+        unknown = [v for v in variants if (v if args.ablation else issue16.split_seed(v)[0]) not in known]
         if unknown:
             raise SystemExit(f"unknown variant(s) {unknown}; known: {known}")
     if not args.ablation and args.variants is not None:

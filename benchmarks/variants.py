@@ -1,4 +1,4 @@
-"""Issue 16 options side by side on the proxy quality benchmark: ``python benchmarks/quality.py --variants``.
+"""Issue 16 and 32 options side by side on the proxy quality benchmark: ``python benchmarks/quality.py --variants``.
 
 Each variant is the ``tiny`` preset (or another preset) plus override dicts, trained for the same wall-clock budget
 (``--minutes``, as ``--ablation`` does) on the benchmark's demo cohort, then scored on the held-out subjects and
@@ -10,6 +10,14 @@ after every variant, so an interrupted run leaves a partial table; rerunning ski
 * training speed: steps in the budget and steps per second (the model folder's ``metrics.json``; its epoch count
   is kept in the JSON only: a run stopped by the clock mid-epoch makes "seconds per epoch" misleading);
 * prediction seconds per held-out brain (``Predictor.predict_stack`` on its slice stack, model loaded once).
+
+Issue 32's multi-view variants: ``multiview_shared`` (one network, three views) and ``multiview_three`` (one network
+per view, each a third of the minutes), fused by the mean; ``<variant>_median`` and ``<variant>_learned`` score the
+same trained networks with the median or a learned fusion (``synth7t train-fusion`` on the validation split; its
+seconds are reported beside the training's). The table adds the transfer set's margin over ``histmatch_oracle``
+(the detail margin; per brain in the JSON), its HFEN and the through-plane consistency along each axis
+(``slice_consistency_*``, lower is better). ``NAME@sN`` trains a variant with ``trainer.seed`` N in its own folder:
+two seeds of ``tiny`` and of a multi-view variant give the run-to-run spread a difference must exceed.
 
 The variant list is data: a variant whose preset or overrides do not validate in this checkout (an option added by
 another change that is not merged yet) is reported as "not available" with the reason, and the others still run.
@@ -31,30 +39,70 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "match7t": ("tiny", {"data.match_target_to_input": True}),
     "tiny3d": ("tiny3d", {}),
     "gan_residual": ("tiny", {"critic.residual": True}),
+    # issue 32: multi-view synthesis at the same training minutes as tiny (per_view: a third of them per network)
+    "multiview_shared": ("tiny", {"data.views": ["axial", "coronal", "sagittal"], "data.view_design": "shared"}),
+    "multiview_three": ("tiny", {"data.views": ["axial", "coronal", "sagittal"], "data.view_design": "per_view"}),
 }
 GAN_VARIANTS = {"gan_residual"}
+# name -> (the multi-view variant whose trained model it reuses, fusion): scored with another fusion of the same
+# networks; "learned" first trains the fusion (synth7t train-fusion, the store's validation split) on a copy
+FUSION_VARIANTS: dict[str, tuple[str, str]] = {
+    f"{base}_{fusion}": (base, fusion)
+    for base in ("multiview_shared", "multiview_three") for fusion in ("median", "learned")
+}
+
+
+def known_variants() -> list[str]:
+    return [*VARIANTS, *FUSION_VARIANTS]
+
+
+def split_seed(name: str) -> tuple[str, int | None]:
+    """``"multiview_shared@s1"`` -> ``("multiview_shared", 1)``: the variant trained with ``trainer.seed`` 1 (its
+    own folder), for the run-to-run spread; a name without ``@s`` -> ``(name, None)``."""
+    base, sep, seed = name.partition("@s")
+    return (base, int(seed)) if sep and seed.isdigit() else (name, None)
 
 
 def variant_config(name: str, budget: dict) -> tuple[str, dict]:
-    """(preset, overrides) of variant ``name`` with the training ``budget``; raises if it does not validate."""
+    """(preset, overrides) of variant ``name`` (``NAME@sN``: with ``trainer.seed`` N) with the training ``budget``;
+    raises if it does not validate."""
     from synth7t.config import load_config
     from synth7t.pipeline_demo import GAN_OVERRIDES
 
+    name, seed = split_seed(name)
     preset, over = VARIANTS[name]
-    overrides = {**budget, **(GAN_OVERRIDES if name in GAN_VARIANTS else {}), **over}
+    overrides = {**budget, **(GAN_OVERRIDES if name in GAN_VARIANTS else {}), **over,
+                 **({"trainer.seed": seed} if seed is not None else {})}
     load_config(preset, overrides)
     return preset, overrides
 
 
+def _base(name: str) -> str:
+    """The trained variant a name scores: itself, or a fusion variant's base (``@sN`` kept)."""
+    plain, seed = split_seed(name)
+    base = FUSION_VARIANTS[plain][0] if plain in FUSION_VARIANTS else plain
+    return base if seed is None else f"{base}@s{seed}"
+
+
+CONSISTENCY = ("slice_consistency_axial", "slice_consistency_coronal", "slice_consistency_sagittal")
+
+
 def set_scores(table: dict) -> dict:
-    """Model brain PSNR/SSIM of one quality table and its margins over ``histmatch_population``."""
+    """Model brain PSNR/SSIM/HFEN and through-plane consistency of one quality table, its margins over
+    ``histmatch_population`` and over ``histmatch_oracle`` (the detail margin: what the model adds beyond the best
+    global intensity mapping of the interpolated 3T), the latter also per brain where the table has groups."""
     if "skipped" in table:
         return {"skipped": table["skipped"]}
     m, b = table["model"], table["baselines"].get("histmatch_population", {})
-    out = {"psnr": m.get("brain_psnr"), "ssim": m.get("brain_ssim")}
+    out = {"psnr": m.get("brain_psnr"), "ssim": m.get("brain_ssim"), "hfen": m.get("hfen"),
+           **{k: m.get(k) for k in CONSISTENCY}}
     for k in ("psnr", "ssim"):
         ref = b.get(f"brain_{k}")
         out[f"{k}_vs_histmatch"] = None if ref is None or out[k] is None else out[k] - ref
+        out[f"{k}_vs_oracle"] = table.get("model_minus_oracle", {}).get(f"brain_{k}")
+    if table.get("groups"):
+        out["per_brain_psnr_vs_oracle"] = {g: t.get("model_minus_oracle", {}).get("brain_psnr")
+                                           for g, t in table["groups"].items()}
     return out
 
 
@@ -75,19 +123,45 @@ def predict_seconds(model: Path, store: Path) -> float:
     return (time.perf_counter() - t) / max(len(subjects), 1)
 
 
+def fused_model(name: str, out: Path, store: Path, budget: dict) -> Path:
+    """The model folder of a fusion variant: a copy of its base variant's trained folder (trained here first if it
+    is not yet) whose default fusion is the variant's; ``learned`` trains the fusion on the store's validation
+    split (the seconds it took are in its ``config.json``)."""
+    import shutil
+
+    from synth7t.inference.fusion_fit import set_fusion, train_fusion
+    from synth7t.pipeline_demo import train_model
+
+    base, fusion = _base(name), FUSION_VARIANTS[split_seed(name)[0]][1]
+    preset, overrides = variant_config(base, budget)
+    trained = train_model(store, out / "variants" / base, overrides, progress=True, preset=preset)
+    model = out / "variants" / name / f"model-{name}"  # its own name: transfer_scores names its report after it
+    if not (model / "checksums.sha256").exists():
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(trained, model, ignore=shutil.ignore_patterns("checkpoints", "logs", "views", "report*"))
+        if fusion == "learned":
+            train_fusion(model, store, progress=True)
+        else:
+            set_fusion(model, fusion)
+    return model
+
+
 def run_variant(name: str, out: Path, store: Path, budget: dict, *, jobs: int, transfer: bool) -> dict:
     """Train, evaluate and time one variant; ``{"status": "not available" | "failed", "reason": ...}`` otherwise."""
     from synth7t.evaluation.evaluate import evaluate, quality_table
     from synth7t.pipeline_demo import SCORE_TTA, train_model, transfer_scores
 
     try:
-        preset, overrides = variant_config(name, budget)
+        preset, overrides = variant_config(_base(name), budget)
     except Exception as exc:  # noqa: BLE001 - an option or preset this checkout does not have yet
         return {"status": "not available", "reason": str(exc).splitlines()[0]}
     folder = out / "variants" / name
     t = time.perf_counter()
     try:
-        model = train_model(store, folder, overrides, progress=True, preset=preset)
+        if split_seed(name)[0] in FUSION_VARIANTS:
+            model = fused_model(name, out, store, budget)
+        else:
+            model = train_model(store, folder, overrides, progress=True, preset=preset)
         evaluate(model, store, folder / "report", segmentation="none", progress=True, tta=SCORE_TTA)
         held = set_scores(quality_table(folder / "report"))
         far = (set_scores(transfer_scores(out / "transfer", model, store, jobs=jobs, segmentation="none",
@@ -97,7 +171,12 @@ def run_variant(name: str, out: Path, store: Path, budget: dict, *, jobs: int, t
         return {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     metrics = json.loads((model / "metrics.json").read_text())
     secs, steps, epochs = metrics.get("train_seconds"), metrics.get("steps"), metrics.get("epochs")
-    return {"status": "ok", "preset": preset, "overrides": VARIANTS[name][1],
+    fusion = json.loads((model / "config.json").read_text()).get("fusion_network")
+    plain = split_seed(name)[0]
+    return {"status": "ok", "preset": preset, "overrides": VARIANTS[split_seed(_base(name))[0]][1],
+            "seed": split_seed(name)[1] or 0,
+            **({"fusion": FUSION_VARIANTS[plain][1]} if plain in FUSION_VARIANTS else {}),
+            **({"fusion_seconds": fusion["trained_on"]["seconds"]} if fusion else {}),
             "parameters": json.loads((model / "config.json").read_text()).get("parameters"),
             "held_out": held, "transfer": far, "steps": steps, "epochs": epochs, "train_seconds": secs,
             "steps_per_s": steps / secs if steps and secs else None,
@@ -133,7 +212,8 @@ def _set_cells(s: dict) -> list[str]:
 def markdown_table(results: dict, minutes: float) -> str:
     """The comparison as one Markdown table (PSNR in dB; margins = model − ``histmatch_population``)."""
     head = ["variant", "parameters", "held-out PSNR / SSIM", "held-out − histmatch_population",
-            "transfer PSNR / SSIM", "transfer − histmatch_population", "steps", "steps/s", "predict s/brain"]
+            "transfer PSNR / SSIM", "transfer − histmatch_population", "transfer − oracle", "transfer HFEN",
+            "transfer through-plane a / c / s", "steps", "steps/s", "predict s/brain"]
     lines = [f"Variants, {minutes:g} min of training each (brain PSNR in dB / brain SSIM; margins over "
              "`histmatch_population`).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
@@ -141,7 +221,12 @@ def markdown_table(results: dict, minutes: float) -> str:
             cells = [f"`{name}`", f"{r['status']}: {r['reason']}"] + [""] * (len(head) - 2)
         else:
             params = f"{r['parameters'] / 1e6:.2f} M" if r.get("parameters") else "–"
-            cells = [f"`{name}`", params, *_set_cells(r["held_out"]), *_set_cells(r["transfer"]),
-                     str(r.get("steps", "–")), _f(r["steps_per_s"]), _f(r["predict_s_per_brain"])]
+            t = r["transfer"]
+            oracle = "skipped" if "skipped" in t else \
+                f"{_f(t.get('psnr_vs_oracle'), sign=True)} / {_f(t.get('ssim_vs_oracle'), 3, sign=True)}"
+            planes = "–" if "skipped" in t else " / ".join(_f(t.get(k), 3) for k in CONSISTENCY)
+            cells = [f"`{name}`", params, *_set_cells(r["held_out"]), *_set_cells(t), oracle,
+                     _f(t.get("hfen"), 3), planes, str(r.get("steps", "–")), _f(r["steps_per_s"]),
+                     _f(r["predict_s_per_brain"])]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"

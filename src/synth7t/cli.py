@@ -408,6 +408,8 @@ def predict(
                                                 "worker process (N4, skull stripping, registration repeat bit for "
                                                 "bit whatever the core count); the network's own float order is "
                                                 "not forced.")] = False,
+    fusion: Annotated[str | None, typer.Option(help="A multi-view model's fusion of its views: mean, median or "
+                                               "learned (default: the model folder's).", show_default=False)] = None,
 ) -> None:
     """Turn raw 3T T1w scans into synthetic 7T brains, in the input's own world space.
 
@@ -440,7 +442,7 @@ def predict(
                           rescale=rescale, resample_to_input=resample_to_input, overwrite=overwrite,
                           device=device, batch_size=batch_size, skullstrip=skullstrip, precision=precision,
                           n4=n4, voxel_size_mm=voxel_size, shard=_parse_shard(shard), workers=workers,
-                          threads=threads, deterministic=deterministic)
+                          threads=threads, deterministic=deterministic, fusion=_check_fusion(fusion))
     result = predict_fn(model, inputs, out, opts, bids=query)
     typer.echo(result.summary())
     if qc:
@@ -502,6 +504,8 @@ def evaluate(
                                                     "DATA's own).")] = None,
     tta: Annotated[bool, typer.Option(help="Predict as `synth7t predict --tta` does: the mean of each stack's "
                                       "prediction and of its left-right mirror's.")] = False,
+    fusion: Annotated[str | None, typer.Option(help="A multi-view model's fusion of its views: mean, median or "
+                                               "learned (default: the model folder's).", show_default=False)] = None,
 ) -> None:
     """Metrics (PSNR, SSIM, HFEN, DICE) of the model and of the baselines on held-out subjects.
 
@@ -512,8 +516,41 @@ def evaluate(
     from synth7t.evaluation.evaluate import evaluate as evaluate_fn
 
     index = evaluate_fn(model, data, out, split=split, segmentation=segmentation, device=device, reference=reference,
-                        tta=tta)
+                        tta=tta, fusion=_check_fusion(fusion))
     typer.echo(f"report: {index}")
+
+
+def _check_fusion(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from synth7t.inference.fusion import check_fusion
+
+    return check_fusion(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train-fusion
+
+
+@app.command("train-fusion")
+@user_errors
+def train_fusion(
+    model: Annotated[Path, typer.Argument(help="A multi-view model folder (trained with data.views).")],
+    store: Annotated[Path, typer.Argument(help="Slice store whose validation split (--split) the fusion learns "
+                                         "from: the model's training store.")],
+    split: Annotated[str, typer.Option(help="Split whose per-view predictions train the fusion (val: the training "
+                                       "split's are overfit).")] = "val",
+    steps: Annotated[int, typer.Option(help="Adam steps of the fusion network.")] = 300,
+    cube: Annotated[int, typer.Option(help="Side (voxels) of the random training cubes.")] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Learn how to fuse a multi-view model's views: a small 3-D CNN on the per-view predictions of the validation
+    split, written into the model folder (fusion.safetensors) and made its default fusion.
+    """
+    from synth7t.inference.fusion_fit import train_fusion as train_fusion_fn
+
+    path = train_fusion_fn(model, store, split=split, steps=steps, cube=cube, device=device)
+    typer.echo(f"model folder: {path} (fusion: learned)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synth7t.dataset.augment import AugmentConfig
+from synth7t.dataset.context import CONTEXT_DIM
+from synth7t.dataset.views import VIEWS, check_views
 from synth7t.errors import ConfigError
 from synth7t.intensity import NYUL_PERCENTILES
 from synth7t.nn.config import CriticConfig, GeneratorConfig, UNet3DConfig, UNetConfig
@@ -55,6 +57,13 @@ class DataConfig(_Strict):
     multiple of the model's down-sampling factor); an epoch draws ``patches_per_subject`` cubes per training
     subject, validation ``val_patches`` fixed cubes per validation subject. The 3-D model ignores the covariates
     and takes no augmentation (``data.augment`` must be all off).
+    ``views`` (multi-view synthesis, 2.5D U-net only): the slice axes samples are cut along, from the one axial-first
+    store (:mod:`synth7t.dataset.views`): ``[axial]`` (the thesis), or e.g. ``[axial, coronal, sagittal]``;
+    ``predict`` then runs every view and fuses the volumes (``fusion`` in the model folder: mean by default,
+    ``synth7t train-fusion`` for a learned one). ``view_design``: ``shared`` (one network for every view, told
+    which view it sees by a one-hot ``[axial, coronal, sagittal]`` appended to its context vector, so
+    ``model.context_dim`` is 10) or ``per_view`` (one network per view, each trained in turn on its view for an
+    equal share of ``trainer.max_minutes`` and ``trainer.max_steps``; ``trainer.max_epochs`` applies to each).
     """
 
     batch_size: int = Field(16, ge=1)
@@ -68,6 +77,13 @@ class DataConfig(_Strict):
     patch3d: int | None = Field(None, ge=8)
     patches_per_subject: int = Field(16, ge=1)
     val_patches: int = Field(4, ge=1)
+    views: tuple[Literal["axial", "coronal", "sagittal"], ...] = ("axial",)
+    view_design: Literal["shared", "per_view"] = "shared"
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return check_views(v)
 
     @model_validator(mode="after")
     def _percentiles_increase(self) -> DataConfig:
@@ -148,6 +164,44 @@ class TrainConfig(_Strict):
     @property
     def is_gan(self) -> bool:
         return self.critic is not None
+
+    @property
+    def view_coded(self) -> bool:
+        """One network for several views, told which by a one-hot appended to its context (``data.views``)."""
+        return len(self.data.views) > 1 and self.data.view_design == "shared"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _view_context(cls, data: Any) -> Any:
+        """A shared multi-view U-net reads ``CONTEXT_DIM + 3`` context values: set ``model.context_dim`` unless
+        given (a value given that differs is refused by :meth:`_fits_views`)."""
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            return data
+        d = data["data"]
+        views, design = d.get("views") or ["axial"], d.get("view_design", "shared")
+        model = data.get("model")
+        model = {} if model is None else model
+        if isinstance(views, (list, tuple)) and len(views) > 1 and design == "shared" and isinstance(model, dict) \
+                and model.get("kind", "unet") == "unet" and "context_dim" not in model:
+            data = {**data, "model": {**model, "context_dim": CONTEXT_DIM + len(VIEWS)}}
+        return data
+
+    @model_validator(mode="after")
+    def _fits_views(self) -> TrainConfig:
+        kind = getattr(self.model, "kind", "unet")
+        if kind != "unet":
+            if self.data.views != ("axial",):
+                raise ValueError(f"data.views {list(self.data.views)}: multi-view synthesis is for synth7t's 2.5D "
+                                 f"U-net (model.kind unet), not model.kind {kind}")
+            return self
+        want = CONTEXT_DIM + len(VIEWS) if self.view_coded else CONTEXT_DIM
+        if self.model.context_dim != want:
+            how = "a shared multi-view network" if self.view_coded else "a network of one view or one per view"
+            raise ValueError(f"model.context_dim {self.model.context_dim}: {how} reads {want} context values")
+        if self.view_coded and (not self.model.covariates or not self.model.cross_attention_stages):
+            raise ValueError("data.view_design shared: the view reaches the network through its context "
+                             "(cross-attention); it needs model.covariates true and model.cross_attention_stages")
+        return self
 
     @property
     def is_3d(self) -> bool:

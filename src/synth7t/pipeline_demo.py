@@ -166,7 +166,8 @@ def train_model(store: Path, folder: Path, overrides: dict, progress: bool, pres
     start from that model folder's weights (fine-tune)."""
     from synth7t.training import last_checkpoint, train
 
-    if not (folder / "model.safetensors").exists():
+    per_view_done = (folder / "checksums.sha256").exists() and any(folder.glob("model_*.safetensors"))
+    if not (folder / "model.safetensors").exists() and not per_view_done:  # per_view: one weights file per view
         resume = (folder / "train_config.json").exists()
         if init is not None and not last_checkpoint(folder).exists():
             resume = False  # a fine-tune killed before its first checkpoint starts again from ``init``

@@ -23,8 +23,12 @@ def test_evaluate_writes_report_and_quality_table(tiny_model, tiny_store, tmp_pa
     assert all(0 <= float(r["dice_mean"]) <= 1 for r in rows if r["method"] != "histmatch_oracle")
     assert all(r["dice_mean"] == "" for r in rows if r["method"] == "histmatch_oracle")
     table = quality_table(tmp_path / "report", tmp_path / "quality.json")
-    keys = {"brain_psnr", "brain_ssim", "hfen", "dice", "brain_psnr_valid", "brain_ssim_valid"}
+    keys = {"brain_psnr", "brain_ssim", "hfen", "dice", "brain_psnr_valid", "brain_ssim_valid",
+            "slice_consistency_axial", "slice_consistency_coronal", "slice_consistency_sagittal"}
     assert set(table["model"]) == keys and all(set(v) == keys for v in table["baselines"].values())
+    for view in ("axial", "coronal", "sagittal"):  # through-plane consistency: lower is better, 0 only for the 7T
+        assert 0 < table["model"][f"slice_consistency_{view}"] < 10
+        assert {f"slice_consistency_{view}"} <= set(rows[0])
     # "no corrupt." columns: the mean of metrics.csv's column over the subjects, per method
     for key, column in (("brain_psnr_valid", "psnr_brain_valid"), ("brain_ssim_valid", "ssim_brain_valid")):
         for method in ("model", "bspline"):

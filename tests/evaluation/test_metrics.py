@@ -174,3 +174,31 @@ def test_compute_metrics_many_matches_single_calls(pair):
     ref = M.prepare_reference(truth, mask, min_slice=5)
     M.metrics_against(ref, pred)
     assert np.array_equal(ref.mu, M.prepare_reference(truth, mask, min_slice=5).mu)  # reference not modified
+
+
+def test_slice_consistency_flags_alternating_offsets_along_that_axis_only():
+    """A prediction whose axial slices alternate an intensity offset (a stack of 2-D outputs that disagree from
+    slice to slice) is worse along the axial axis (2) only; the truth itself scores 0 everywhere."""
+    from synth7t.evaluation.metrics import compute_metrics, second_difference, slice_consistency
+
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij")
+    truth = (0.5 + 0.3 * np.sin(3 * x) * np.cos(2 * y) * np.cos(z) + 0.02 * rng.random((24, 24, 24))).astype(np.float32)
+    mask = (x**2 + y**2 + z**2) < 0.8
+    offset = 0.05 * (-1.0) ** np.arange(24)  # +, -, +, ... per axial slice
+    pred = truth + offset[None, None, :].astype(np.float32)
+    for axis in range(3):
+        assert slice_consistency(truth, truth, mask, axis) == 0.0
+    axial = slice_consistency(truth, pred, mask, 2)
+    assert axial > 0.1
+    assert slice_consistency(truth, pred, mask, 0) == pytest.approx(0.0, abs=1e-5)
+    assert slice_consistency(truth, pred, mask, 1) == pytest.approx(0.0, abs=1e-5)
+    # the hand formula on one voxel: D(pred) - D(truth) = offset[i-1] - 2 offset[i] + offset[i+1] = +-0.2
+    # by hand at the centre i = 4 (output index 3): 0.05 * ((-1)^3 - 2 (-1)^4 + (-1)^5) = -0.2
+    d = second_difference(pred, 2) - second_difference(truth, 2)
+    np.testing.assert_allclose(d[5, 5, 3], -0.2, atol=1e-5)
+    np.testing.assert_allclose(d[5, 5, 4], 0.2, atol=1e-5)
+    t = M.clipped_minmax(truth, mask)  # compute_metrics scores in the truth's clipped min-max units
+    m = compute_metrics(truth, t + offset[None, None, :].astype(np.float32), mask)
+    assert m["slice_consistency_axial"] > 0.1
+    assert m["slice_consistency_coronal"] < 1e-3 and m["slice_consistency_sagittal"] < 1e-3

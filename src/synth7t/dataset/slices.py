@@ -32,7 +32,19 @@ from synth7t.dataset import context as ctx
 from synth7t.dataset.augment import Augmenter
 from synth7t.dataset.cropnorm import CropGeometry
 from synth7t.dataset.gmm import GMMFit
-from synth7t.dataset.pack import KINDS, PREDICT_SPLIT, SPLITS, read_store_meta
+from synth7t.dataset.pack import KINDS, MIN_AREA_FRAC, PREDICT_SPLIT, SPLITS, read_store_meta
+from synth7t.dataset.views import (
+    check_views,
+    extent,
+    pad_to,
+    positions,
+    read_window,
+    round_up,
+    sample_shape,
+    slice_areas,
+    view_code,
+    view_shape,
+)
 from synth7t.errors import InputError
 from synth7t.intensity import (
     float16_lookup,
@@ -253,8 +265,17 @@ class SliceDataset:
         seed: int | None = 0,
         standardize: dict | np.ndarray | None = None,
         match_target: bool = False,
+        views: tuple[str, ...] | list[str] = ("axial",),
+        view_code: bool = False,
+        multiple: int = 1,
+        min_size: int = 0,
     ):
         self.store = store if isinstance(store, SliceStore) else SliceStore(store)
+        self.views = check_views(views)
+        self.view_code = bool(view_code)
+        if self.store.on_template and self.views != ("axial",):
+            raise InputError(f"{self.store.root}: a store on a template grid is sliced along its template axis only "
+                             "(data.views is for synth7t's own U-net)")
         self.standardize = standardization_record(standardize)
         self.match_target = bool(match_target)
         self._tables: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # per subject: its 3T input map
@@ -267,13 +288,24 @@ class SliceDataset:
         self.seed = seed
         self.epoch = 0
         self.subjects = self.store.split_subjects(split)
-        subj, zs = [], []
-        for i, name in enumerate(self.subjects):
-            v = self.store.valid_slices(name)
-            subj.append(np.full(v.size, i, dtype=np.int32))
-            zs.append(v.astype(np.int32))
+        # one fixed (rows, cols) for every sample when a view other than axial is cut: the store pads only
+        # in-plane, so Z is padded here to the store's largest (rounded up to the model's multiple)
+        self.shape: tuple[int, int] | None = None
+        self._brain: dict[tuple[str, str], tuple[int, int]] = {}  # (subject, view) -> slices holding brain
+        if self.views != ("axial",):
+            depth = round_up(max(int(self.store.info(s)["shape"][0]) for s in self.store.subjects), multiple)
+            self.depth = depth
+            self.shape = sample_shape(self.store.hw, depth, self.views, min_size)
+        subj, zs, vs = [], [], []
+        for k, view in enumerate(self.views):
+            for i, name in enumerate(self.subjects):
+                v = self._valid(name, view)
+                subj.append(np.full(v.size, i, dtype=np.int32))
+                zs.append(v.astype(np.int32))
+                vs.append(np.full(v.size, k, dtype=np.int8))
         self._subject = np.concatenate(subj) if subj else np.zeros(0, np.int32)  # (N,)
         self._z = np.concatenate(zs) if zs else np.zeros(0, np.int32)  # (N,)
+        self._view = np.concatenate(vs) if vs else np.zeros(0, np.int8)  # (N,) index into self.views
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -281,14 +313,30 @@ class SliceDataset:
     def __len__(self) -> int:
         return int(self._z.size)
 
+    def _valid(self, name: str, view: str) -> np.ndarray:
+        """The slices of ``view`` a sample is cut at: axial, the store's valid slices; coronal and sagittal, those
+        whose brain area (mask) is at least :data:`~synth7t.dataset.pack.MIN_AREA_FRAC` of the largest (one scan
+        of the subject's mask, in chunks), with the slices holding 3T signal recorded for the position covariate."""
+        if view == "axial":
+            return self.store.valid_slices(name)
+        areas = slice_areas(self.store.array(name, "mask"), view)
+        self._brain[(name, view)] = extent(slice_areas(self.store.array(name, "t3"), view))
+        return np.flatnonzero(areas > MIN_AREA_FRAC * max(int(areas.max()), 1)).astype(np.int64)
+
     def locate(self, index: int) -> tuple[str, int]:
         """(subject, slice) of sample ``index``."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         return self.subjects[int(self._subject[index])], int(self._z[index])
 
+    def view_of(self, index: int) -> str:
+        """The view ("axial", "coronal", "sagittal") of sample ``index``."""
+        return self.views[int(self._view[index])]
+
     def raw(self, index: int) -> dict:
         """The un-augmented sample ``index`` (for :func:`augment.replay`)."""
+        if self.shape is not None:
+            return self._raw_view(index)
         name, z = self.locate(index)
         t3 = self.store.array(name, "t3")  # (Z, H, W) memmap
         zs = self.store.window(z, self.n_slices, t3.shape[0])
@@ -314,7 +362,53 @@ class SliceDataset:
             if self.match_target and (table := self._target_table(name)) is not None:
                 y = standardize(y, table=table)
             sample["target"] = y
+        if self.view_code:
+            sample["context"] = np.concatenate([sample["context"], view_code("axial")])
         return sample
+
+    def _raw_view(self, index: int) -> dict:
+        """A sample of any view, padded to :attr:`shape` (centred). Its 3T input is the window of ``n_slices``
+        slices of that view around slice ``j`` (clamped at the edges), its target and mask slice ``j``; the rows of
+        a coronal or sagittal slice below the subject's ``min_slice`` (7T slices QC cut as corrupted) are zero in
+        input, target and mask, as the axial view leaves those slices out. Context: the covariates, the view's
+        slice position (:func:`~synth7t.dataset.views.positions`) and, with ``view_code``, the view's one-hot."""
+        name, j = self.locate(index)
+        view = self.view_of(index)
+        t3 = self.store.array(name, "t3")  # (Z, H, W) memmap
+        n = view_shape(t3.shape, view)[0]
+        x = read_window(t3, view, neighbour_indices(j, self.n_slices, n))  # (S, rows, cols)
+        x = self._standardized(name, x)
+        mask = read_window(self.store.array(name, "mask"), view, [j]).astype(np.float32)  # (1, rows, cols)
+        info = self.store.info(name)
+        y = None
+        if info.get("has_t7"):
+            y = read_window(self.store.array(name, "t7"), view, [j]).astype(np.float32)  # (1, rows, cols)
+            if self.match_target and (table := self._target_table(name)) is not None:
+                y = standardize(y, table=table)
+        cut = int(info.get("min_slice") or 0)
+        if view != "axial" and cut > 0:  # Z is the cols of a coronal slice, the rows of a sagittal one
+            rows = (slice(None), slice(None), slice(0, cut)) if view == "coronal" else (slice(None), slice(0, cut))
+            for arr in (x, mask) if y is None else (x, mask, y):
+                arr[rows] = 0
+        pos = positions(view, n, self._brain.get((name, view)))[j]
+        context = ctx.encode_context(info.get("age"), info.get("sex"), info.get("group"), float(pos))
+        if self.view_code:
+            context = np.concatenate([context, view_code(view)])
+        rows, cols = self.shape
+        sample = {"input": pad_to(x, rows, cols), "mask": pad_to(mask, rows, cols), "context": context,
+                  "subject": name, "slice": j, "view": view, "augment": "[]"}
+        if y is not None:
+            sample["target"] = pad_to(y, rows, cols)
+        return sample
+
+    def _standardized(self, name: str, x: np.ndarray) -> np.ndarray:
+        """The 3T window in the dataset's input units (float32): standardized when the dataset standardizes."""
+        if self.standardize is not None and x.dtype == np.float16:  # the store's dtype: exact table look-up
+            lookup = self._input_lookup(name)
+            return x.astype(np.float32) if lookup is None else lookup[x.view(np.uint16)]
+        if self.standardize is not None:
+            return standardize_input(x.astype(np.float32), self.standardize, table=self._input_table(name))
+        return x.astype(np.float32)
 
     def _input_table(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The subject's input standardization map, built once per process. ``histmatch`` takes the source
@@ -357,7 +451,9 @@ class VolumeSlices:
     """Batches of 2.5D inputs covering a whole ``(Z, H, W)`` stack, in slice order (for inference).
 
     Iterating yields dicts ``{"slice": int64 (B,), "input": float32 (B, S, H, W), "context": float32
-    (B, CONTEXT_DIM)}``; the context uses ``age``, ``sex``, ``group`` and each slice's position in the stack.
+    (B, CONTEXT_DIM)}``; the context uses ``age``, ``sex``, ``group`` and each slice's position in the stack
+    (or ``positions``, one per slice: another view's, :func:`~synth7t.dataset.views.positions`); ``extra`` (a
+    float32 vector, e.g. a view's one-hot) is appended to every context vector.
     """
 
     def __init__(
@@ -369,9 +465,14 @@ class VolumeSlices:
         age: float | None = None,
         sex: str | None = None,
         group: str | None = None,
+        positions: np.ndarray | None = None,
+        extra: np.ndarray | None = None,
     ):
         if stack.ndim != 3:
             raise ValueError(f"expected a (Z, H, W) stack, got shape {stack.shape}")
+        if positions is not None and len(positions) != stack.shape[0]:
+            raise ValueError(f"{len(positions)} slice positions for a stack of {stack.shape[0]} slices")
+        self.positions, self.extra = positions, extra
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         neighbour_indices(0, n_slices, 1)
@@ -389,6 +490,11 @@ class VolumeSlices:
             idx = neighbour_indices(zs, self.n_slices, Z)  # (B, S)
             inputs = np.asarray(self.stack[idx.ravel()], dtype=np.float32)  # (B * S, H, W)
             inputs = inputs.reshape(idx.shape + self.stack.shape[1:])  # (B, S, H, W)
-            pos = [ctx.slice_position(z, z_mid, Z) for z in zs]
+            if self.positions is None:
+                pos = [ctx.slice_position(z, z_mid, Z) for z in zs]
+            else:
+                pos = [float(self.positions[z]) for z in zs]
             context = np.stack([ctx.encode_context(*self.covariates, p) for p in pos])  # (B, CONTEXT_DIM)
+            if self.extra is not None:
+                context = np.concatenate([context, np.broadcast_to(self.extra, (len(zs), len(self.extra)))], 1)
             yield {"slice": zs.astype(np.int64), "input": inputs, "context": context}

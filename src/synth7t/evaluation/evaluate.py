@@ -34,7 +34,10 @@ from synth7t.io import Volume, save_volume, write_json
 log = logging.getLogger(__name__)
 
 QUALITY_KEYS = {"brain_psnr": "psnr_brain", "brain_ssim": "ssim_brain", "hfen": "hfen", "dice": "dice_mean",
-                "brain_psnr_valid": "psnr_brain_valid", "brain_ssim_valid": "ssim_brain_valid"}
+                "brain_psnr_valid": "psnr_brain_valid", "brain_ssim_valid": "ssim_brain_valid",
+                "slice_consistency_axial": "slice_consistency_axial",
+                "slice_consistency_coronal": "slice_consistency_coronal",
+                "slice_consistency_sagittal": "slice_consistency_sagittal"}
 """Key in ``quality.json`` (the spelling of the benchmark issue) -> column of ``metrics.csv``. The ``_valid``
 keys leave out the slices QC marked corrupted in the real 7T (thesis table 1's "no corrupt." columns): there the
 target itself is wrong, so every method is scored against signal drop-out it cannot and should not predict."""
@@ -151,6 +154,7 @@ def evaluate(
     extra_models: dict[str, Path] | None = None,
     reference: str | Path | None = None,
     tta: bool = False,
+    fusion: str | None = None,
 ) -> Path:
     """Evaluate ``model_dir`` on the ``split`` subjects of the store ``data``; returns ``OUT/index.html``.
 
@@ -160,6 +164,8 @@ def evaluate(
     ``reference``: the slice store (or work folder holding one) whose *training split* defines the population
     7T histogram of the ``histmatch_population`` baseline; by default ``data`` itself. Give the model's training
     store when ``data`` holds only test subjects (another site, the transfer set).
+
+    ``fusion``: how a multi-view model's views are fused (mean, median, learned; default the model folder's).
     """
     from synth7t.dataset.cropnorm import uncrop
     from synth7t.evaluation.metrics import compute_metrics
@@ -200,7 +206,7 @@ def evaluate(
         stacks = {k: np.asarray(store.array(s, k), np.float32) for k in ("t3", "t7", "mask")}
         cov = {"age": info.get("age"), "sex": info.get("sex"), "group": info.get("group")}
         full = {k: uncrop(v, geom) for k, v in stacks.items()}
-        full["pred"] = _predict_full(predictor, stacks, cov, geom, tta)
+        full["pred"] = _predict_full(predictor, stacks, cov, geom, tta, fusion)
         min_slice = int(info.get("min_slice", 0)) + geom.box[2][0]
         recs = evaluate_subject(
             s,
@@ -235,16 +241,20 @@ def evaluate(
         "intensity units": "clipped min-max of each subject's real 7T (1st/99th brain percentiles)",
         "test-time augmentation": "left-right flip, mean of 2 predictions" if tta else "none",
     }
+    if len(predictor.views) > 1:
+        extra_info["views"] = (f"{', '.join(predictor.views)} ({cfg.get('view_design', 'shared')}), fused by "
+                               f"{fusion or predictor.fusion}")
     index = write_report(out, records, images, title="synth7t evaluation", extra_info=extra_info)
     log.info("report: %s", index)
     return index
 
 
-def _predict_full(predictor, stacks: dict, cov: dict, geom, tta: bool = False) -> np.ndarray:
+def _predict_full(predictor, stacks: dict, cov: dict, geom, tta: bool = False, fusion: str | None = None
+                  ) -> np.ndarray:
     """A model's prediction of one subject's packed 3T stack, inside the brain, on the subject's full grid."""
     from synth7t.dataset.cropnorm import uncrop
 
-    pred, _ = predictor.predict_stack(stacks["t3"], tta=tta, **cov)
+    pred, _ = predictor.predict_stack(stacks["t3"], tta=tta, fusion=fusion, **cov)
     return uncrop((pred * (stacks["mask"] > 0)).astype(np.float32), geom)
 
 

@@ -54,7 +54,12 @@ METRIC_KEYS = (
     "hfen",
     "hfen_brain",
     "mae_brain",
+    "slice_consistency_axial",
+    "slice_consistency_coronal",
+    "slice_consistency_sagittal",
 )
+#: the axis of an (X, Y, Z) canonical volume that each view's slices are stacked along (axial slices along S, ...)
+CONSISTENCY_AXES = {"axial": 2, "coronal": 1, "sagittal": 0}
 # (key, column title, higher is better) in the layout of thesis table 1, then the extra metrics
 TABLE_COLUMNS = (
     ("psnr", "PSNR", True),
@@ -69,6 +74,9 @@ TABLE_COLUMNS = (
     ("hfen", "HFEN", False),
     ("hfen_brain", "brain HFEN", False),
     ("mae_brain", "brain MAE", False),
+    ("slice_consistency_axial", "through-plane error axial", False),
+    ("slice_consistency_coronal", "through-plane error coronal", False),
+    ("slice_consistency_sagittal", "through-plane error sagittal", False),
 )
 
 
@@ -293,6 +301,39 @@ def _hfen_ratio(log_err: np.ndarray, log_t: np.ndarray, region: np.ndarray | Non
 # all at once
 
 
+def second_difference(x: np.ndarray, axis: int) -> np.ndarray:
+    """``D_a(x)[i] = x[i-1] - 2 x[i] + x[i+1]`` along ``axis`` (float32; 2 shorter along it)."""
+    x = np.asarray(x, np.float32)
+    n = x.shape[axis]
+    d = x[_along(x.ndim, axis, 0, n - 2)] + x[_along(x.ndim, axis, 2, n)]  # slices: views, no copies
+    d -= 2 * x[_along(x.ndim, axis, 1, n - 1)]
+    return d
+
+
+def _along(ndim: int, axis: int, start: int, stop: int) -> tuple[slice, ...]:
+    return tuple(slice(start, stop) if a == axis else slice(None) for a in range(ndim))
+
+
+def slice_consistency(truth: np.ndarray, pred: np.ndarray, region: np.ndarray, axis: int) -> float:
+    """Through-plane consistency along ``axis`` (lower is better; 0 = the truth's slice-to-slice changes exactly):
+
+        slice_consistency_a = || D_a(pred) - D_a(truth) ||_2 / || D_a(truth) ||_2
+
+    over the voxels of ``region`` (the brain) that have both neighbours along ``axis``; ``D_a`` is
+    :func:`second_difference`. ``truth`` and ``pred`` in the same min-max-normalized units (here the truth's
+    clipped min-max, module docstring). A stack of 2-D predictions that jump from slice to slice along ``a`` (an
+    intensity offset, a structure that comes and goes) scores high along ``a`` and not along the in-plane axes.
+    NaN when the truth has no second difference in the region."""
+    region = np.asarray(region, bool)
+    reg = region[_along(region.ndim, axis, 1, region.shape[axis] - 1)]
+    dt = second_difference(truth, axis)[reg]
+    dp = second_difference(pred, axis)[reg]
+    den = float(np.sqrt(np.sum(dt.astype(np.float64) ** 2)))
+    if den == 0:
+        return float("nan")
+    return float(np.sqrt(np.sum((dp.astype(np.float64) - dt) ** 2)) / den)
+
+
 @dataclass
 class Reference:
     """The ground truth's share of the metrics, computed once per subject by :func:`prepare_reference`."""
@@ -343,6 +384,8 @@ def metrics_against(ref: Reference, pred: np.ndarray) -> dict[str, float]:
     out["hfen"] = _hfen_ratio(log_err, ref.log, None)
     out["hfen_brain"] = _hfen_ratio(log_err, ref.log, ref.regions["brain"])
     out["mae_brain"] = mae(t, p, ref.regions["brain"])
+    for view, axis in CONSISTENCY_AXES.items():
+        out[f"slice_consistency_{view}"] = slice_consistency(t, p, ref.regions["brain"], axis)
     return {k: out[k] for k in METRIC_KEYS}
 
 
@@ -361,7 +404,9 @@ def compute_metrics(
     the clipped normalised truth); ``ssim``, ``ssim_brain``, ``ssim_brain_valid`` (3-D Gaussian-window SSIM map
     averaged over each region); ``ssim_thesis_1d`` / ``ssim_thesis_1d_full`` (thesis formula on the flattened
     brain voxels / on the whole image, the "brain SSIM" and "SSIM" columns of thesis table 1); ``hfen`` /
-    ``hfen_brain`` (LoG sigma 1.5 voxels, norms over the whole image / the brain); ``mae_brain``. To score
+    ``hfen_brain`` (LoG sigma 1.5 voxels, norms over the whole image / the brain); ``mae_brain``;
+    ``slice_consistency_axial`` / ``_coronal`` / ``_sagittal`` (:func:`slice_consistency` along canonical axes 2,
+    1, 0 over the brain: how far the slice-to-slice second differences depart from the truth's). To score
     several predictions of one subject, use
     :func:`compute_metrics_many` (the truth's filtering is then done once).
     """

@@ -274,7 +274,9 @@ def provenance(predictor: Predictor, job: Subject, opts: PredictOptions, res: di
         "synth7t_version": __version__,
         "input": job.t3.name,  # the file name only: no folder paths (they often hold IDs)
         "model": {"folder": predictor.model_dir.name, "sha256": predictor.checksum,
-                  "preset": predictor.config.get("preset")},
+                  "preset": predictor.config.get("preset"),
+                  **({"views": predictor.views, "fusion": opts.fusion or predictor.fusion}
+                     if len(predictor.views) > 1 else {})},
         "outputs": {k: Path(v).name for k, v in written.items()},
         "intensity_units": _intensity_units(predictor, opts),
         "normalization_limits": list(res["limits"]),

@@ -13,7 +13,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synth7t.dataset.views import (
+    extent,
+    from_view,
+    pad_to,
+    positions,
+    round_up,
+    slice_areas,
+    to_view,
+    view_code,
+    view_shape,
+)
 from synth7t.errors import InputError
+from synth7t.inference.fusion import load_fusion
 
 log = logging.getLogger(__name__)
 OUTPUT_NAME = "syn7t.nii.gz"
@@ -39,6 +51,7 @@ class PredictOptions:
     workers: int | None = None  # preprocessing processes ahead of the network; 0: inline; None: automatic
     threads: int | None = None  # the run's cores (None: SLURM_CPUS_PER_TASK, else the CPU affinity)
     deterministic: bool = False  # preprocessing at one thread (N4, skull strip, registration repeat bit for bit)
+    fusion: str | None = None  # how a multi-view model's views are fused: mean, median, learned; None: the model's
 
 
 RUN_TIME_OPTIONS = ("shard", "workers", "threads")  # how a cohort runs, never what an output holds: not in provenance
@@ -82,25 +95,30 @@ class Predictor:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", precision: str = "auto"):
         from synth7t.devices import keep_freed_memory, resolve_accelerator
-        from synth7t.model_folder import load_generator_with_digest
+        from synth7t.model_folder import load_networks
 
         self.model_dir = Path(model_dir)
         self.device = torch.device(resolve_accelerator(device))
         if self.device.type == "cpu":
             keep_freed_memory()  # slice batches reuse freed buffers instead of page-faulting new ones
-        self.net, self.config, self.checksum = load_generator_with_digest(model_dir, self.device)
+        self.nets, self.config, self.checksum = load_networks(model_dir, self.device)
+        self.views = list(self.nets)  # the slice views this model runs (config.json "views"; axial by default)
+        self.net = self.nets[self.views[0]]
         self.kind = self.config["model"].get("kind", "unet")
+        self.view_coded = len(self.views) > 1 and not self.config.get("networks")  # one network, told the view
         self.patch3d = int(self.config.get("patch3d") or 64) if self.kind == "unet3d" else None
         self.template = None
         if self.kind == "thesis_published":
             self.template = template_paths(self.model_dir, self.config)
         if self.device.type == "cpu" and self.patch3d is None:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self._convert(lambda net: net.to(memory_format=torch.channels_last))
         self.dtype = self._dtype(precision)
         # bf16 asked for on a CPU: the weights themselves in bf16 (half the memory), no autocast
         self.bf16_weights = self.dtype == torch.bfloat16 and self.device.type == "cpu" and precision == "bf16"
         if self.bf16_weights:
-            self.net = self.net.to(torch.bfloat16)
+            self._convert(lambda net: net.to(torch.bfloat16))
+        self.fusion = self.config.get("fusion", "mean")  # the default fusion of several views
+        self.fusion_net = load_fusion(self.model_dir, self.config, self.device)
         self.show_progress = False  # a progress bar over each scan's slice batches (set for a single long scan)
         self.n_slices = int(self.config["n_slices"])
         self.multiple = int(self.config.get("multiple") or self.net.cfg.downsample_factor)
@@ -109,6 +127,14 @@ class Predictor:
         self.upper_pct = float(norm.get("upper_pct", 99.0))
         self.voxel_mm = tuple(float(v) for v in np.broadcast_to(self.config.get("voxel_size_mm", 0.65), (3,)))
         self.standardization = _standardization_record(model_dir, self.config)
+
+    def _convert(self, fn) -> None:
+        """Apply ``fn`` to each network once (a shared multi-view network is one object under several views)."""
+        done: dict[int, torch.nn.Module] = {}
+        for view, net in self.nets.items():
+            done.setdefault(id(net), fn(net))
+            self.nets[view] = done[id(net)]
+        self.net = self.nets[self.views[0]]
 
     @property
     def prep_spec(self) -> PrepSpec:
@@ -136,14 +162,16 @@ class Predictor:
             return torch.bfloat16 if bf16 > 1.1 * fp32 else None
         return None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The network on one batch at the predictor's precision (channels-last on a CPU)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
+        """A network (the first view's by default) on one batch at the predictor's precision (channels-last on a
+        CPU)."""
+        net = self.net if net is None else net
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         if self.bf16_weights:
-            return self.net(x.to(torch.bfloat16), context.to(torch.bfloat16))
+            return net(x.to(torch.bfloat16), context.to(torch.bfloat16))
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            return self.net(x, context)
+            return net(x, context)
 
     def batch_size(self, hw: tuple[int, int], requested: int | None) -> int:
         """Slices per forward pass: ``requested``, or what fits in a quarter of the free memory.
@@ -166,28 +194,48 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_stack(self, stack: np.ndarray, *, age=None, sex=None, group=None, batch_size: int | None = None,
-                      tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                      tta: bool = False, fusion: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(Z, H, W) normalized 3T stack -> (prediction (Z, H, W), uncertainty or None), float32 [0, 1].
 
         With the model's input standardization (``histmatch``: onto the training 7T distribution; ``nyul``: the
         stack's landmarks onto the training standard landmarks), the stack's brain intensities are first mapped by
         :func:`synth7t.intensity.standardize_input`, the function training uses.
+
+        A multi-view model predicts the stack along each of its views and fuses the volumes (``fusion``: mean,
+        median or learned; default the model folder's ``fusion``, :func:`synth7t.inference.fusion.fuse`); with
+        ``tta`` each flip is fused, then the flips averaged. The uncertainty is the per-voxel standard deviation
+        over every prediction made (views x flips): None for a single-view model without ``tta``.
         """
-        from synth7t.dataset.slices import VolumeSlices
+        from synth7t.inference.fusion import fuse
+
+        fusion = fusion or self.fusion
+        preds = self.predict_views(stack, age=age, sex=sex, group=group, batch_size=batch_size, tta=tta)
+        # preds: (F, V, Z, H, W), F flips, V views
+        outs = [fuse(p, fusion, self.fusion_net, self.device) for p in preds]
+        pred = outs[0] if len(outs) == 1 else np.mean(outs, 0, dtype=np.float32)
+        if preds.shape[0] * preds.shape[1] == 1:
+            return pred, None
+        return pred, preds.reshape(-1, *preds.shape[2:]).std(0)
+
+    @torch.inference_mode()
+    def predict_views(self, stack: np.ndarray, *, age=None, sex=None, group=None, batch_size: int | None = None,
+                      tta: bool = False) -> np.ndarray:
+        """Every view's prediction of a normalized (Z, H, W) stack, unfused: float32 (F, V, Z, H, W), F = 2 flips
+        with ``tta`` (the second mirrored back), V = the model's views in :attr:`views` order."""
         from synth7t.intensity import standardize_input
 
         stack = standardize_input(stack, self.standardization)
-        bs = self.batch_size(stack.shape[1:], batch_size)
+        hw = max((view_shape(stack.shape, v)[1:] for v in self.views), key=lambda s: s[0] * s[1])
+        bs = self.batch_size(hw, batch_size)
         while True:
             try:
                 flips = [False, True] if tta else [False]
                 def run(src: np.ndarray, bs: int = bs) -> np.ndarray:
                     if self.patch3d:
-                        return self._run3d(src, bs)
-                    return self._run(src, VolumeSlices, bs, age, sex, group)
+                        return self._run3d(src, bs)[None]
+                    return np.stack([self._run_view(src, v, bs, age, sex, group) for v in self.views])
 
-                outs = [self._flipped(stack, flip, run) for flip in flips]
-                break
+                return np.stack([self._flipped(stack, flip, run) for flip in flips])
             except torch.OutOfMemoryError:
                 if bs == 1:
                     raise
@@ -195,17 +243,34 @@ class Predictor:
                 log.warning("out of memory: retrying with %d slices per batch", bs)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-        if len(outs) == 1:
-            return outs[0], None
-        arr = np.stack(outs)
-        return arr.mean(0), arr.std(0)
 
     @staticmethod
     def _flipped(stack: np.ndarray, flip: bool, run) -> np.ndarray:
-        """``run`` on the stack, or on it flipped along H (the R-L axis of the canonical grid) and flipped back."""
+        """``run`` on the stack, or on it flipped along H (the R-L axis of the canonical grid, whatever the view the
+        network then slices it along) and its output (..., Z, H, W) flipped back."""
         if not flip:
             return run(np.ascontiguousarray(stack))
-        return run(np.ascontiguousarray(stack[:, ::-1, :]))[:, ::-1, :].copy()
+        return run(np.ascontiguousarray(stack[:, ::-1, :]))[..., ::-1, :].copy()
+
+    def _run_view(self, src: np.ndarray, view: str, bs: int, age, sex, group) -> np.ndarray:
+        """One view's network over the stack's slices of that view -> (Z, H, W). The view's slices are padded
+        (centred) to the model's multiple and given the view's slice position (and its one-hot for a shared
+        multi-view network), as in training (:mod:`synth7t.dataset.views`)."""
+        from synth7t.dataset.slices import VolumeSlices
+
+        net = self.nets[view]
+        if view == "axial" and not self.view_coded:
+            return self._run(src, VolumeSlices, bs, age, sex, group, net=net)
+        vs = to_view(src, view)  # (N, rows, cols), no copy
+        n, r, c = vs.shape
+        rows, cols = round_up(r, self.multiple), round_up(c, self.multiple)
+        padded = np.ascontiguousarray(pad_to(vs, rows, cols), dtype=np.float32)
+        brain = extent(slice_areas(src, view)) if view != "axial" else None
+        extra = view_code(view) if self.view_coded else None
+        out = self._run(padded, VolumeSlices, bs, age, sex, group, net=net, positions=positions(view, n, brain),
+                        extra=extra)
+        r0, c0 = (rows - r) // 2, (cols - c) // 2
+        return np.ascontiguousarray(from_view(out[:, r0:r0 + r, c0:c0 + c], view))
 
     def _run3d(self, src: np.ndarray, bs: int) -> np.ndarray:
         """The 3-D model over the whole (Z, H, W) stack: MONAI's sliding window of ``patch3d`` cubes (each side
@@ -219,13 +284,14 @@ class Predictor:
             y = sliding_window_inference(x, roi, bs, self.net, overlap=0.5, mode="gaussian")
         return y[0, 0].float().clamp(0, 1).cpu().numpy()
 
-    def _run(self, src, volume_slices, bs, age, sex, group) -> np.ndarray:
+    def _run(self, src, volume_slices, bs, age, sex, group, *, net=None, positions=None, extra=None) -> np.ndarray:
         out = np.zeros(src.shape, np.float32)
-        for batch in volume_slices(src, self.n_slices, batch_size=bs, age=age, sex=sex,
-                                   group=group):
+        batches = volume_slices(src, self.n_slices, batch_size=bs, age=age, sex=sex, group=group,
+                                positions=positions, extra=extra)
+        for batch in batches:
             x = torch.from_numpy(batch["input"]).to(self.device)
             c = torch.from_numpy(batch["context"]).to(self.device)
-            y = self.forward(x, c)
+            y = self.forward(x, c, net)
             out[batch["slice"]] = y[:, 0].float().clamp(0, 1).cpu().numpy()
         return out
 

@@ -136,7 +136,7 @@ def finish_prediction(predictor: Predictor, prep: dict, opts: PredictOptions, *,
     t0 = time.perf_counter()
     pred, unc = predictor.predict_stack(prep["stack"], age=cov.get("age"), sex=cov.get("sex"),
                                         group=diagnosis_group(cov.get("diagnosis")), batch_size=opts.batch_size,
-                                        tta=opts.tta)
+                                        tta=opts.tta, fusion=opts.fusion)
     prep["timings"]["network"] = time.perf_counter() - t0
     pred = pred * (prep["mask_stack"] > 0)
     if opts.rescale:

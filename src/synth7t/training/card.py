@@ -94,7 +94,10 @@ def model_config(cfg: TrainConfig, store, module) -> dict:
         "model": cfg.model.model_dump(mode="json"),  # "kind": "unet3d" for a 3-D model, absent for the 2.5D U-net
         **three_d,
         "n_slices": cfg.model.in_slices,
-        "slice_axis": "axial (canonical RAS+ axis 2)",
+        "slice_axis": "axial (canonical RAS+ axis 2)" if cfg.data.views == ("axial",) else
+                      f"{', '.join(cfg.data.views)} (synth7t.dataset.views)",
+        "views": list(cfg.data.views),
+        **(_views_record(cfg) if len(cfg.data.views) > 1 else {}),
         "voxel_size_mm": store_voxel_size(store) if store is not None else [0.65, 0.65, 0.65],
         "multiple": cfg.model.downsample_factor,
         "normalization": meta.get("normalization", DEFAULT_NORMALIZATION),
@@ -109,6 +112,41 @@ def model_config(cfg: TrainConfig, store, module) -> dict:
         "parameters": int(sum(p.numel() for p in net.parameters())),
         "train_config": cfg.model_dump(mode="json"),
     }
+
+
+def _views_record(cfg: TrainConfig) -> dict:
+    """config.json's description of a multi-view model: its design and default fusion."""
+    design = ("one network for every view, told the view by a one-hot [axial, coronal, sagittal] appended to its "
+              "context vector" if cfg.view_coded else "one network per view (networks)")
+    return {"view_design": cfg.data.view_design, "view_networks": design, "fusion": "mean"}
+
+
+def write_per_view_folder(out: Path, cfg: TrainConfig, runs: dict[str, Path]) -> Path:
+    """The model folder of a ``per_view`` run from the model folders its views' runs wrote (``runs``: view ->
+    folder): each view's ``model.safetensors`` copied in as ``model_<view>.safetensors``, named with its model
+    section in config.json's ``networks``; metrics per view (``val/<metric>_<view>``) and summed steps and seconds."""
+    from synth7t.io import read_json
+    from synth7t.model_folder import verify_model_folder
+
+    configs = {v: verify_model_folder(p) for v, p in runs.items()}
+    first = configs[cfg.data.views[0]]
+    runs_metrics = {v: read_json(p / "metrics.json") for v, p in runs.items()}
+    networks = {v: {"weights": f"model_{v}.safetensors", "model": c["model"], "parameters": c["parameters"]}
+                for v, c in configs.items()}
+    config = {**first, **_views_record(cfg), "views": list(cfg.data.views), "networks": networks,
+              "slice_axis": f"{', '.join(cfg.data.views)} (synth7t.dataset.views), one network each",
+              "parameters": int(sum(c["parameters"] for c in configs.values())),
+              "train_config": cfg.model_dump(mode="json")}
+    metrics = {f"val/{k[4:]}_{v}": val for v, m in runs_metrics.items() for k, val in m.items()
+               if k.startswith("val/")}
+    metrics.update(steps=int(sum(m.get("steps", 0) for m in runs_metrics.values())),
+                   train_seconds=round(sum(float(m.get("train_seconds", 0)) for m in runs_metrics.values()), 1),
+                   epochs=" + ".join(str(m.get("epochs", "?")) for m in runs_metrics.values()),
+                   precision=runs_metrics[cfg.data.views[0]].get("precision", "?"),
+                   per_view={v: {k: m[k] for k in ("steps", "train_seconds", "epochs", "weights") if k in m}
+                             for v, m in runs_metrics.items()})
+    files = {f"model_{v}.safetensors": p / "model.safetensors" for v, p in runs.items()}
+    return save_model_folder(out, None, config, metrics, model_card(cfg, config, metrics), extra_files=files)
 
 
 def store_voxel_size(store) -> list[float]:
@@ -162,6 +200,7 @@ def model_card(cfg: TrainConfig, d: dict, metrics: dict) -> str:
         f"- Training: {metrics.get('epochs', '?')} epochs, {metrics.get('steps', '?')} steps, "
         f"{metrics.get('train_seconds', '?')} s, precision {metrics.get('precision', '?')}."
         f"{_init_line(d.get('init_from'))}{_average_line(cfg)}\n"
+        f"{_views_line(d)}"
         f"- Validation: {val}.\n\n"
         f"{_derived_licence(cfg)}"
         "## Intended use\nResearch on brain MRI: producing 7T-like images from 3T scans for visualisation and for\n"
@@ -176,6 +215,15 @@ def _architecture_name(cfg: TrainConfig) -> str:
         p = cfg.data.patch3d
         return f"3-D residual U-net (MONAI UNet) trained on {p}x{p}x{p} patches, predicting by sliding window"
     return f"2.5D attention residual U-net, {cfg.model.in_slices} input slices"
+
+
+def _views_line(d: dict) -> str:
+    """The card's line on a multi-view model: its views, design and default fusion."""
+    views = d.get("views") or ["axial"]
+    if len(views) < 2:
+        return ""
+    return (f"- Views: {', '.join(views)}; {d.get('view_networks')}. Fusion of the views: {d.get('fusion', 'mean')} "
+            "(`synth7t predict --fusion` chooses another; `synth7t train-fusion` learns one).\n")
 
 
 def _average_line(cfg: TrainConfig) -> str:

@@ -226,7 +226,8 @@ def make_loaders(store, cfg: TrainConfig, seed: int):
         return _make_loaders_3d(store, cfg, seed)
     augment = Augmenter(cfg.data.augment, seed=seed) if cfg.data.augment.any_enabled else None
     ds_kw = dict(n_slices=cfg.model.in_slices, seed=seed, standardize=input_standardization(store, cfg),
-                 match_target=cfg.data.match_target_to_input)
+                 match_target=cfg.data.match_target_to_input, views=cfg.data.views, view_code=cfg.view_coded,
+                 multiple=cfg.model.downsample_factor, min_size=cfg.data.patch or 0)
     train_ds = SliceDataset(store, "train", augment=augment, **ds_kw)
     val_ds = SliceDataset(store, "val", augment=None, **ds_kw)
     if len(train_ds) == 0:

@@ -110,6 +110,11 @@ def train(
     cfg = _resolve_config(out, preset, overrides, config, resume)
     _check_store_fits(store_obj, cfg)
     _check_store_layout(store_obj, cfg, init)
+    if len(cfg.data.views) > 1 and cfg.data.view_design == "per_view":
+        if init is not None:
+            raise ConfigError("--init fine-tunes one network; data.view_design per_view trains one per view")
+        return _train_per_view(store, out, cfg, resume=resume, device=device, devices=devices, num_nodes=num_nodes,
+                               progress=progress, extra_callbacks=extra_callbacks, data_notes=data_notes)
     _warn_patch_positions(cfg)
     # under DDP every rank runs this function (ranks > 0 are started by Lightning, or by srun, with the same
     # arguments); only rank 0 writes files: here, in the checkpoints and logs (Lightning), and the model folder
@@ -174,6 +179,38 @@ def train(
         return out
     return write_model_folder(out, module, cfg, store_obj, trainer, elapsed, weights_from, data_notes or {},
                               init_from=init_from)
+
+
+def _train_per_view(store, out: Path, cfg: TrainConfig, *, resume: bool, **kw) -> Path:
+    """``data.view_design: per_view``: one run per view in ``OUT/views/<view>/`` (each a whole model folder, with
+    its checkpoints: a killed run resumes in the view it was training; finished views are skipped), each with an
+    equal share of ``trainer.max_minutes`` and ``trainer.max_steps``, then the model folder of all of them
+    (:func:`~synth7t.training.card.write_per_view_folder`)."""
+    from synth7t.training.card import write_per_view_folder
+
+    n = len(cfg.data.views)
+    share: dict[str, Any] = {"data.view_design": "shared"}
+    if cfg.trainer.max_minutes:
+        share["trainer.max_minutes"] = cfg.trainer.max_minutes / n
+    if cfg.trainer.max_steps > 0:
+        share["trainer.max_steps"] = max(1, cfg.trainer.max_steps // n)
+    if launched_as_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "train_config.json", cfg.model_dump(mode="json"))
+    runs = {}
+    for view in cfg.data.views:
+        sub = out / "views" / view
+        runs[view] = sub
+        if (sub / "checksums.sha256").exists():
+            log.info("view %s: trained already (%s)", view, sub)
+            continue
+        sub_cfg = validate_config(apply_overrides(cfg.model_dump(mode="json"), {**share, "data.views": [view]}),
+                                  source=f"{out} ({view} view)")
+        log.info("training the %s view's network (%d of %d)", view, list(cfg.data.views).index(view) + 1, n)
+        train(store, sub, config=sub_cfg, resume=resume and (sub / "train_config.json").exists(), **kw)
+    if not launched_as_rank_zero():
+        return out
+    return write_per_view_folder(out, cfg, runs)
 
 
 def config_for_init(src_cfg: dict, init: Path, preset, overrides: dict | None, config: TrainConfig | None
