@@ -45,7 +45,9 @@ def test_raw_real_head_lands_on_its_input_and_on_the_template(real_head, templat
     model, template = template_model
     res = predict(model, [head], tmp_path / "out", PredictOptions(age=70, sex="F", device="cpu"), progress=False)
     assert not res.failed, res.failed
-    folder = next((tmp_path / "out").iterdir())
+    from synth7t.io import nifti_stem
+
+    folder = tmp_path / "out" / nifti_stem(head)
     syn = load_volume(folder / "syn7t.nii.gz")
     assert np.isfinite(syn.data).all() and (syn.data != 0).any()
     canonical, _ = to_canonical(load_volume(head))
