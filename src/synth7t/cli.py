@@ -31,6 +31,11 @@ app = typer.Typer(
 )
 log = logging.getLogger("synth7t")
 
+#: ``--threads`` of the commands that take it as it is (``pack`` and ``train`` say more in their own help)
+ThreadsOption = Annotated[int | None, typer.Option(
+    "--threads", min=1, help="Cores to use (default: $SLURM_CPUS_PER_TASK, else the CPU affinity mask; never more "
+    "than the mask allows). ITK, OpenMP/torch and BLAS get the same number.", show_default=False)]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -153,11 +158,7 @@ def preprocess(
     mapping: Annotated[Path | None, typer.Option(
         help="Private JSON file to write subject ID -> pseudonym into (outside OUT).")] = None,
     keep_head: Annotated[Path | None, typer.Option(help="Also keep full-head images, in this PRIVATE folder.")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use "
-                                                "(default: $SLURM_CPUS_PER_TASK, "
-                                                "else the CPU affinity mask; never more than the mask allows). "
-                                                "ITK, OpenMP/torch and BLAS get the same number.",
-                                                show_default=False)] = None,
+    threads: ThreadsOption = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Bit-identical work folders whatever the "
                                                 "core count (same machine type): N4, skull stripping and "
                                                 "registration at one thread per subject (ANTs' repeatable "
@@ -399,11 +400,7 @@ def predict(
                                            "thesis models: the faster of fp32 and bf16, measured), 32 or bf16 (on a "
                                            "CPU: bf16 weights, half the memory).")] = "auto",
     qc: Annotated[bool, typer.Option("--qc", help="Then write the cohort QC page OUT/qc.html (`synth7t qc`).")] = False,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use "
-                                                "(default: $SLURM_CPUS_PER_TASK, "
-                                                "else the CPU affinity mask; never more than the mask allows). "
-                                                "ITK, OpenMP/torch and BLAS get the same number.",
-                                                show_default=False)] = None,
+    threads: ThreadsOption = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Preprocess each scan at one thread in a "
                                                 "worker process (N4, skull stripping, registration repeat bit for "
                                                 "bit whatever the core count); the network's own float order is "
@@ -466,11 +463,7 @@ def qc_page(
                                              "one per core, at most 8, from 16 outputs on); the page is the "
                                              "same.",
                                              show_default=False)] = None,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Cores to use "
-                                                "(default: $SLURM_CPUS_PER_TASK, "
-                                                "else the CPU affinity mask; never more than the mask allows). "
-                                                "ITK, OpenMP/torch and BLAS get the same number.",
-                                                show_default=False)] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Cohort QC page: a row per prediction output, with thumbnails, brain volume, uncertainty and flags.
 
