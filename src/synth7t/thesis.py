@@ -356,26 +356,34 @@ def published_model_config(cfg: PublishedUNetConfig, template: dict, source: dic
         "architecture": "the thesis authors' published 2.5D attention U-net (AdaDM, covariate cross-attention)",
         "model": cfg.model_dump(mode="json"),
         "n_slices": cfg.in_slices,
-        "slice_axis": f"axis {template['slice_dim']} of the template's voxel order (no reorientation)",
-        "voxel_size_mm": template["voxel_size_mm"],
         "multiple": cfg.downsample_factor,
-        "template": template,
+        **template_entries(cfg.model_dump(mode="json"), template),
         "normalization": {"method": "published", "lower_pct": 1.0, "upper_pct": 99.0, "clipped": False,
                           "of": "the voxels > 0 of the 3T brain on the template grid: (x - p1) / (p99 - p1)"},
-        "input_standardization": {"method": "none"},
-        "output_contrast": "7T, in the units of the authors' normalized 7T targets (0 and 1 = the 7T brain's "
-                           "1st and 99th percentiles)",
-        "context": {"tokens": list(cfg.conditions), "dim": cfg.context_dim,
-                    "position": f"2 (j - mid) / {cfg.n_slices_position}", "sex": "1 = F, 0 = M",
-                    "diagnostic": "1 = cognitively normal or SCD, 0 = otherwise"},
         "preprocessing": {"skullstrip": "deepbet", "n4_3t": dict(AUTHORS_N4_3T), "registration": "template"},
-        "requires_covariates": required_covariates(cfg.conditions),
         "training_data": {"source": "BioFINDER-2 3T/7T pairs (the authors' training; not in this folder)",
                           "n_train": source["params"].get("train_size"), "n_test": source["params"].get("test_size"),
                           "simulated": False},
         "parameters": int(n_params),
         "source": source,
         "init_from": None,
+    }
+
+
+def template_entries(model: dict, template: dict) -> dict:
+    """The ``config.json`` entries every model on a template grid has, imported or fine-tuned: its template, slice
+    axis and voxel size, no input standardization, the 7T output units, the covariate tokens and those required."""
+    return {
+        "template": template,
+        "slice_axis": f"axis {template['slice_dim']} of the template's voxel order (no reorientation)",
+        "voxel_size_mm": template["voxel_size_mm"],
+        "input_standardization": {"method": "none"},
+        "output_contrast": "7T, in the units of the normalized 7T targets (0 and 1 = the 7T brain's 1st and 99th "
+                           "percentiles)",
+        "context": {"tokens": list(model["conditions"]), "dim": model["context_dim"],
+                    "position": f"2 (j - mid) / {model['n_slices_position']}", "sex": "1 = F, 0 = M",
+                    "diagnostic": "1 = cognitively normal or SCD, 0 = otherwise"},
+        "requires_covariates": required_covariates(model["conditions"]),
     }
 
 

@@ -38,7 +38,7 @@ def template_model_config(config: dict, store) -> tuple[dict, dict[str, Path]]:
     """A template store's model (a fine-tuned published thesis model): what prediction needs to run it as it was
     trained (the template record, the authors' normalization, the covariates it requires), and the template files
     to copy in from ``STORE/template/``."""
-    from synth7t.thesis import TEMPLATE_FILES, required_covariates
+    from synth7t.thesis import TEMPLATE_FILES, template_entries
 
     template = dict(store.meta["template"])
     files = {}
@@ -46,19 +46,10 @@ def template_model_config(config: dict, store) -> tuple[dict, dict[str, Path]]:
         if template.get(key):
             files[TEMPLATE_FILES[name]] = Path(store.root) / "template" / template[key]
             template[key] = TEMPLATE_FILES[name]
-    m = config["model"]
-    config = {**config, "template": template, "normalization": dict(store.meta["normalization"]),
-              "slice_axis": f"axis {template['slice_dim']} of the template's voxel order (no reorientation)",
-              "voxel_size_mm": template.get("voxel_size_mm", config["voxel_size_mm"]),
-              "input_standardization": {"method": "none"}, "target_matched_to_input": False,
-              "output_contrast": "7T, in the units of the normalized 7T targets (0 and 1 = the 7T brain's 1st and "
-                                 "99th percentiles)",
-              "context": {"tokens": list(m["conditions"]), "dim": m["context_dim"],
-                          "position": f"2 (j - mid) / {m['n_slices_position']}", "sex": "1 = F, 0 = M",
-                          "diagnostic": "1 = cognitively normal or SCD, 0 = otherwise"},
-              "requires_covariates": required_covariates(m["conditions"]),
-              "preprocessing": {**{k: v for k, v in store.meta.get("preprocessing", {}).items()},
-                                "registration": "template"},
+    template.setdefault("voxel_size_mm", config["voxel_size_mm"])
+    config = {**config, **template_entries(config["model"], template),
+              "normalization": dict(store.meta["normalization"]), "target_matched_to_input": False,
+              "preprocessing": {**store.meta.get("preprocessing", {}), "registration": "template"},
               "architecture": "the thesis authors' published 2.5D attention U-net (AdaDM, covariate "
                               "cross-attention), fine-tuned"}
     return config, files
