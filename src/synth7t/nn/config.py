@@ -285,7 +285,7 @@ class PublishedUNetConfig(BaseModel):
     def _consistent(self) -> PublishedUNetConfig:
         if not self.channel_mult or any(m < 1 for m in self.channel_mult) or self.channel_mult[0] != 1:
             raise ValueError(f"channel_mult must be positive integers starting with 1, got {self.channel_mult}")
-        for ch in {self.channels * m for m in self.channel_mult}:
+        for ch in set(self.stage_channels):
             if ch % self.n_groups:
                 raise ValueError(f"{ch} channels are not divisible by num_groups = {self.n_groups}")
             if ch % self.n_heads:
