@@ -415,7 +415,7 @@ DIFFERENCES = (
     ("Test-time augmentation", "--tta averages the prediction of the scan and of its left-right mirror (flipped "
      "along the template axis closest to left-right); the authors had none."),
     ("Device", "CPU or CUDA, chosen at run time; bf16 autocast on GPUs that support it and on CPUs with native bf16 "
-     "(the authors ran fp32 on CUDA)."),
+     "where a matmul probe finds it faster than fp32 (the authors ran fp32 on CUDA)."),
 )
 
 

@@ -143,8 +143,8 @@ class Predictor:
     def _dtype(self, precision: str) -> torch.dtype | None:
         """bf16 (autocast) or None (fp32). ``auto``: bf16 on a GPU that supports it; on a CPU only for the
         published thesis models (about a PFLOP a brain), where the CPU multiplies bf16 in hardware and a matmul
-        probe finds it faster than fp32."""
-        from synth7t.devices import cpu_has_native_bf16
+        probe finds it faster than fp32 (:func:`synth7t.devices.cpu_bf16_is_faster`)."""
+        from synth7t.devices import cpu_bf16_is_faster
 
         if precision not in ("auto", "32", "bf16"):
             raise InputError(f"precision {precision!r}: expected auto, 32 or bf16")
@@ -152,14 +152,8 @@ class Predictor:
                                    and torch.cuda.is_bf16_supported()):
             return torch.bfloat16
         if precision == "auto" and self.device.type == "cpu" and self.kind == "thesis_published" \
-                and cpu_has_native_bf16():
-            from synth7t.nn.flops import matmul_rate
-
-            # bf16 in hardware is not always faster (measured on this project's machines: 0.5x to 3x fp32)
-            bf16, fp32 = matmul_rate(torch.bfloat16, seconds=0.3), matmul_rate(torch.float32, seconds=0.3)
-            log.info("CPU matmul: bf16 %.0f, fp32 %.0f GFLOP/s; predicting in %s", bf16 / 1e9, fp32 / 1e9,
-                     "bf16" if bf16 > 1.1 * fp32 else "fp32")
-            return torch.bfloat16 if bf16 > 1.1 * fp32 else None
+                and cpu_bf16_is_faster():
+            return torch.bfloat16
         return None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:

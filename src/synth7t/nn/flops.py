@@ -8,10 +8,10 @@ benchmarks report fractions of; :func:`expected_seconds` turns the two into the 
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
+
+from synth7t.devices import matmul_rate  # noqa: F401 - re-exported: benchmarks report fractions of it
 
 #: The fraction of the CPU's matmul rate (at the run's precision) that the published network's prediction reached
 #: (benchmarks/thesis_model.py on the project's 2-core machine C, alone: 0.84 in fp32, 0.87-1.0 in bf16); used to say
@@ -39,24 +39,6 @@ def published_flops(cfg, in_plane: tuple[int, int]) -> int:
     f = cfg.downsample_factor
     h, w = (-(-s // f) * f for s in in_plane)
     return count_flops(lambda: PublishedUNet(cfg), (1, cfg.in_slices, h, w), (1, cfg.context_tokens, cfg.context_dim))
-
-
-def matmul_rate(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, n: int = 2048,
-                seconds: float = 0.5) -> float:
-    """FLOP/s of square ``n x n`` matmuls at ``dtype`` on ``device``: the best of repeated timed runs within
-    ``seconds`` (after a warm-up), as the machine's dense matmul peak at that precision."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end or best == float("inf"):
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def expected_seconds(flops: float, dtype: torch.dtype, fraction: float = MEASURED_CPU_FRACTION) -> tuple[float, float]:
