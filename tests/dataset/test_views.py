@@ -128,3 +128,41 @@ def test_volume_slices_take_a_views_positions_and_code():
     assert ctx.shape == (4, 10)
     np.testing.assert_allclose(ctx[:, 6], pos)
     np.testing.assert_array_equal(ctx[:, 7:], np.tile([0, 0, 1], (4, 1)))
+
+
+def test_left_right_flip_is_the_mirrored_brain_in_every_view(tmp_path):
+    """data.augment.flip_lr mirrors the anatomical R axis (the stack's axis H) whatever the view: a flipped sample of
+    a brain equals the sample of its mirror image (a store whose stacks are flipped along H) at the mirrored
+    position: the same slice index for axial and coronal views (R is their rows), slice H - 1 - j for the sagittal
+    view (cut along R), whose slice-position covariate changes sign."""
+    from synth7t.dataset.augment import Augmenter, FlipLR, replay
+
+    root, code = _coded_store(tmp_path / "a", empty_w=3)
+    mirror = tmp_path / "b" / "store"
+    write_store(mirror, 1, shape=(Z, H, W))
+    for kind, arr in (("t3", code), ("t7", np.where(code > 0, code + 0.5, 0.5))):
+        mm = np.load(mirror / "m0000" / f"{kind}.npy", mmap_mode="r+")
+        mm[:] = arr[:, ::-1, :].astype(np.float16)
+        mm.flush()
+    mm = np.load(root / "m0000" / "t7.npy", mmap_mode="r+")
+    mm[:] = np.where(code > 0, code + 0.5, 0.5).astype(np.float16)
+    mm.flush()
+    kw = {"views": ("axial", "coronal", "sagittal"), "view_code": True}
+    ds, dm = SliceDataset(root, "train", **kw), SliceDataset(mirror, "train", **kw)
+    pos = 6
+    for view, n in (("axial", Z), ("coronal", W), ("sagittal", H)):
+        for j in range(n):
+            flipped = FlipLR()(ds[_index(ds, view, j)])
+            ref = dm[_index(dm, view, H - 1 - j if view == "sagittal" else j)]
+            for key in ("input", "target", "mask", "context"):
+                np.testing.assert_array_equal(flipped[key], ref[key], err_msg=f"{view} {j} {key}")
+    s = ds[_index(ds, "sagittal", 1)]
+    assert FlipLR()(s)["context"][pos] == pytest.approx(-(1 - 3.5) / 4) and s["context"][pos] < 0
+    # drawn with probability p, recorded and replayed like the other augmentations
+    aug = Augmenter({"flip_lr": {"enabled": True, "p": 0.5}})
+    raw = ds[_index(ds, "axial", 2)]
+    out = [aug(raw, rng=np.random.default_rng(i)) for i in range(40)]
+    n_flipped = sum(json.loads(o["augment"]) == [{"name": "flip_lr"}] for o in out)
+    assert 8 < n_flipped < 32 and all(o["augment"] in ("[]", '[{"name": "flip_lr"}]') for o in out)
+    for o in out:
+        np.testing.assert_array_equal(replay(raw, o["augment"])["input"], o["input"])

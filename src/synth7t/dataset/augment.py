@@ -6,10 +6,10 @@ halves:
 * a ``Random*`` object that only **draws** parameters from a :class:`numpy.random.Generator`, and
 * a deterministic transform (frozen dataclass with explicit parameters) that only **applies** them.
 
-:class:`Augmenter` draws the enabled transforms, applies them in a fixed order (GMM intensity, elastic,
-blur, bias field, scaling, noise, covariate drop-out) and records them in ``sample["augment"]`` as a JSON
-string (a list of ``{"name": ..., **params}`` dicts; a string so that torch's default collate keeps it as a list
-of strings).
+:class:`Augmenter` draws the enabled transforms, applies them in a fixed order (left-right flip, GMM
+intensity, elastic, blur, bias field, scaling, noise, covariate drop-out) and records them in ``sample["augment"]``
+as a JSON string (a list of ``{"name": ..., **params}`` dicts; a string so that torch's default collate keeps it
+as a list of strings).
 :func:`replay` applies recorded parameters again and gives bit-identical output.
 
 Intensity transforms change only the 3T ``input`` and keep the background (exact 0) at 0; the elastic
@@ -270,8 +270,36 @@ class DropCovariates(Transform):
         return out
 
 
+@dataclass(frozen=True)
+class FlipLR(Transform):
+    """Mirror the sample left-right: the anatomical R axis, whatever the sample's view
+    (:mod:`synth7t.dataset.views`; ``sample["view"]``, axial when absent). Axial and coronal slices have R as their
+    rows: input, target and mask are flipped along the rows. Sagittal slices are cut along R: the mirrored brain's
+    sample at the mirrored position is the same slice with its neighbours in reverse order, so the input's slices
+    are reversed and the slice-position covariate (the R position of a sagittal slice) changes sign; target and
+    mask are unchanged. (Position of axial and coronal slices is along S or A: unchanged.)"""
+
+    name: ClassVar[str] = "flip_lr"
+
+    def __call__(self, sample: dict) -> dict:
+        from synth7t.dataset.context import CONTEXT_ORDER
+
+        out = dict(sample)
+        if sample.get("view", "axial") == "sagittal":
+            out["input"] = np.ascontiguousarray(sample["input"][::-1])
+            ctx = np.array(sample["context"], dtype=np.float32)
+            ctx[CONTEXT_ORDER.index("slice_position")] *= -1.0
+            out["context"] = ctx
+            return out
+        for key in ("input", "target", "mask"):
+            if key in sample:
+                out[key] = np.ascontiguousarray(sample[key][..., ::-1, :])
+        return out
+
+
 TRANSFORMS: dict[str, type[Transform]] = {
-    t.name: t for t in (GMMIntensity, ElasticDeformation, Blur, BiasField, IntensityScale, Noise, DropCovariates)
+    t.name: t for t in (FlipLR, GMMIntensity, ElasticDeformation, Blur, BiasField, IntensityScale, Noise,
+                         DropCovariates)
 }
 
 
@@ -312,6 +340,12 @@ class _Aug(BaseModel):
     p: float = Field(1.0, ge=0.0, le=1.0, description="probability of applying it to a sample")
 
 
+class FlipAugment(_Aug):
+    """Left-right mirror (:class:`FlipLR`), applied with probability ``p``."""
+
+    p: float = Field(0.5, ge=0.0, le=1.0, description="probability of applying it to a sample")
+
+
 class GMMAugment(_Aug):
     mean_shift: float = Field(0.05, ge=0.0, le=0.5, description="mu'_k = mu_k + U(-a, a) (normalized units)")
     std_scale: float = Field(0.2, ge=0.0, lt=1.0, description="sigma'_k = sigma_k * U(1 - a, 1 + a)")
@@ -349,6 +383,7 @@ class AugmentConfig(BaseModel):
     """Augmentations, each off by default; strengths in normalized [0, 1] intensity units or pixels."""
 
     model_config = ConfigDict(extra="forbid")
+    flip_lr: FlipAugment = FlipAugment()
     gmm: GMMAugment = GMMAugment()
     elastic: ElasticAugment = ElasticAugment()
     blur: BlurAugment = BlurAugment()
@@ -360,6 +395,14 @@ class AugmentConfig(BaseModel):
     @property
     def any_enabled(self) -> bool:
         return any(getattr(self, k).enabled for k in _RANDOM)
+
+
+class RandomFlipLR:
+    def __init__(self, cfg: FlipAugment):
+        self.cfg = cfg
+
+    def draw(self, rng: np.random.Generator, hw: tuple[int, int], gmm: GMMFit | None) -> Transform:
+        return FlipLR()
 
 
 class RandomGMMIntensity:
@@ -437,6 +480,7 @@ class RandomDropCovariates:
 
 
 _RANDOM = {
+    "flip_lr": RandomFlipLR,
     "gmm": RandomGMMIntensity,
     "elastic": RandomElastic,
     "blur": RandomBlur,
@@ -450,7 +494,7 @@ _RANDOM = {
 class Augmenter:
     """Draws, applies and records the augmentations enabled in ``cfg``.
 
-    Order: GMM, elastic, blur, bias, scale, noise, covariates.
+    Order: left-right flip, GMM, elastic, blur, bias, scale, noise, covariates.
 
     ``seed`` seeds the generator used when a call passes no ``rng``; :class:`SliceDataset` passes a
     per-sample generator so that results do not depend on the number of DataLoader workers.
