@@ -27,8 +27,8 @@ table: ``DIR/variants.md`` and ``DIR/variants.json``. ``--subjects`` and ``--no-
 
     python benchmarks/quality.py [--out quality-run] [--jobs 2]
     python benchmarks/quality.py --ablation [--minutes 5 | --steps 300] [--variants "augment: none,no AdaDM"]
-    python benchmarks/quality.py --variants [tiny wavelet tiny@s1 multiview_shared ...] [--minutes 5] [--subjects 18]
-        [--no-transfer]
+    python benchmarks/quality.py --variants [tiny wavelet tiny@s1 multiview_shared ...] [--minutes 5 | --steps 900]
+        [--subjects 18] [--no-transfer]
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--ablation", action="store_true", help="train the ablation variants instead")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget of each (ablation) variant")
-    p.add_argument("--steps", type=int, default=None, help="a step budget per ablation variant instead of --minutes")
+    p.add_argument("--steps", type=int, default=None, help="a step budget per (ablation) variant instead of --minutes")
     p.add_argument("--variants", nargs="*", default=None,
                    help="compare the issue 16 and 32 variants (optional names, space- or comma-separated; NAME@sN "
                         "trains variant NAME with trainer.seed N, for the run-to-run spread); with --ablation: "
@@ -191,9 +191,10 @@ def main() -> None:
     if not args.ablation and args.variants is not None:
         out = Path(args.out)
         store = prepare_cohort(out, args.jobs, args.subjects)
-        res = issue16.run_variants(out, store, variants, args.minutes, jobs=args.jobs, transfer=not args.no_transfer)
+        res = issue16.run_variants(out, store, variants, args.minutes, jobs=args.jobs, transfer=not args.no_transfer,
+                                   steps=args.steps)
         print(f"\nmachine: {machine}; total {(time.perf_counter() - t) / 60:.1f} min\n")
-        print(issue16.markdown_table(res, args.minutes))
+        print(issue16.markdown_table(res, args.minutes, args.steps))
         return
     if args.ablation:
         res = run_ablation(Path(args.out), variants, args.minutes, args.jobs, args.steps, args.subjects)

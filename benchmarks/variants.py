@@ -183,16 +183,25 @@ def run_variant(name: str, out: Path, store: Path, budget: dict, *, jobs: int, t
             "predict_s_per_brain": pred_s, "minutes": round((time.perf_counter() - t) / 60, 1)}
 
 
-def run_variants(out: Path, store: Path, names: list[str], minutes: float, *, jobs: int, transfer: bool) -> dict:
-    """Run ``names`` one after the other; writes ``variants.json`` and ``variants.md`` after each."""
+def budget_text(minutes: float, steps: int | None = None) -> str:
+    return f"{steps} training steps (batch 16)" if steps else f"{minutes:g} min of training"
+
+
+def run_variants(out: Path, store: Path, names: list[str], minutes: float, *, jobs: int, transfer: bool,
+                 steps: int | None = None) -> dict:
+    """Run ``names`` one after the other; writes ``variants.json`` and ``variants.md`` after each. ``steps``: a step
+    budget per variant instead of ``minutes`` (the same network at the same batch size then gets the same compute
+    whatever else runs on the machine; ``per_view`` splits it among its views as it splits minutes)."""
     budget = {"trainer.max_minutes": minutes, "trainer.max_epochs": 200}
+    if steps:
+        budget = {"trainer.max_minutes": 20 * minutes, "trainer.max_steps": steps, "trainer.max_epochs": 200}
     results: dict[str, dict] = {}
     for name in names:
         results[name] = run_variant(name, out, store, budget, jobs=jobs, transfer=transfer)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
-        (out / "variants.json").write_text(json.dumps({"minutes_per_variant": minutes, "variants": results},
-                                                      indent=1))
-        (out / "variants.md").write_text(markdown_table(results, minutes))
+        (out / "variants.json").write_text(json.dumps({"minutes_per_variant": None if steps else minutes,
+                                                       "steps_per_variant": steps, "variants": results}, indent=1))
+        (out / "variants.md").write_text(markdown_table(results, minutes, steps))
     return results
 
 
@@ -209,12 +218,12 @@ def _set_cells(s: dict) -> list[str]:
             f"{_f(s.get('psnr_vs_histmatch'), sign=True)} / {_f(s.get('ssim_vs_histmatch'), 3, sign=True)}"]
 
 
-def markdown_table(results: dict, minutes: float) -> str:
+def markdown_table(results: dict, minutes: float, steps: int | None = None) -> str:
     """The comparison as one Markdown table (PSNR in dB; margins = model − ``histmatch_population``)."""
     head = ["variant", "parameters", "held-out PSNR / SSIM", "held-out − histmatch_population",
             "transfer PSNR / SSIM", "transfer − histmatch_population", "transfer − oracle", "transfer HFEN",
             "transfer through-plane a / c / s", "steps", "steps/s", "predict s/brain"]
-    lines = [f"Variants, {minutes:g} min of training each (brain PSNR in dB / brain SSIM; margins over "
+    lines = [f"Variants, {budget_text(minutes, steps)} each (brain PSNR in dB / brain SSIM; margins over "
              "`histmatch_population`).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         if r["status"] != "ok":

@@ -6,8 +6,8 @@ t3/t7 and a uint8 mask, as ``synth7t pack`` lays them out: axial slices first), 
 * the time of one training sample (``SliceDataset.__getitem__`` with ``histmatch`` standardization as ``tiny``,
   plus its 96-pixel patch as ``tiny`` trains), median over ``--samples`` random samples;
 * the loader's time for one ``tiny`` batch (16 such samples, 0 workers as the preset) against one ``tiny`` training
-  step of the network (forward, L1, backward, Adam at 16 x 3 x 96 x 96; bf16 autocast where the CPU has native
-  bf16, as ``precision: auto``): the step-time increase of reading that view instead of axial slices;
+  step of the network (forward, L1, backward, Adam at 16 x 3 x 96 x 96; bf16 autocast where ``precision: auto``
+  would train in bf16 on this CPU): the step-time increase of reading that view instead of axial slices;
 * the anonymous memory (RssAnon) growth and the peak RSS over the samples: memmapped pages are file-backed page
   cache (RssFile), reclaimable, and not counted as growth.
 
@@ -97,14 +97,14 @@ def step_seconds(repeats: int = 5) -> float:
     import torch
 
     from synth7t.config import load_config
-    from synth7t.devices import cpu_has_native_bf16
+    from synth7t.devices import cpu_bf16_is_faster
     from synth7t.nn import build_generator
 
     cfg = load_config("tiny")
     net = build_generator(cfg.model.model_dump(mode="json"))
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     x, y, c = torch.rand(16, 3, 96, 96), torch.rand(16, 1, 96, 96), torch.zeros(16, 7)
-    bf16 = cpu_has_native_bf16()
+    bf16 = cpu_bf16_is_faster()  # the precision `trainer.precision: auto` trains in here
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
