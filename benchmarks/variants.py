@@ -14,7 +14,9 @@ after every variant, so an interrupted run leaves a partial table; rerunning ski
 Issue 32's multi-view variants: ``multiview_shared`` (one network, three views) and ``multiview_three`` (one network
 per view, each a third of the minutes), fused by the mean; ``<variant>_median`` and ``<variant>_learned`` score the
 same trained networks with the median or a learned fusion (``synth7t train-fusion`` on the validation split; its
-seconds are reported beside the training's). The table adds the transfer set's margin over ``histmatch_oracle``
+seconds are reported beside the training's); ``tiny_learned``, the control, trains the same 3-D CNN the same way on
+``tiny``'s one view (a learned 3-D refinement, no views to fuse), separating what the views add from what the
+fusion network's 3-D convolutions add. The table adds the transfer set's margin over ``histmatch_oracle``
 (the detail margin; per brain in the JSON), its HFEN and the through-plane consistency along each axis
 (``slice_consistency_*``, lower is better). ``NAME@sN`` trains a variant with ``trainer.seed`` N in its own folder:
 two seeds of ``tiny`` and of a multi-view variant give the run-to-run spread a difference must exceed.
@@ -50,6 +52,9 @@ FUSION_VARIANTS: dict[str, tuple[str, str]] = {
     f"{base}_{fusion}": (base, fusion)
     for base in ("multiview_shared", "multiview_three") for fusion in ("median", "learned")
 }
+# the control of the learned fusion: the same 3-D CNN, trained the same way on the validation split, refining the
+# one view of tiny (train_fusion(..., single_view=True)): what the 3-D refinement gives without the views
+FUSION_VARIANTS["tiny_learned"] = ("tiny", "learned")
 
 
 def known_variants() -> list[str]:
@@ -136,11 +141,12 @@ def fused_model(name: str, out: Path, store: Path, budget: dict) -> Path:
     preset, overrides = variant_config(base, budget)
     trained = train_model(store, out / "variants" / base, overrides, progress=True, preset=preset)
     model = out / "variants" / name / f"model-{name}"  # its own name: transfer_scores names its report after it
-    if not (model / "checksums.sha256").exists():
+    done = (model / "config.json").exists() and json.loads((model / "config.json").read_text()).get("fusion") == fusion
+    if not done:  # not the copy's checksums: a run killed while the fusion trained has them, with the mean fusion
         shutil.rmtree(model, ignore_errors=True)
         shutil.copytree(trained, model, ignore=shutil.ignore_patterns("checkpoints", "logs", "views", "report*"))
         if fusion == "learned":
-            train_fusion(model, store, progress=True)
+            train_fusion(model, store, progress=True, single_view=True)
         else:
             set_fusion(model, fusion)
     return model

@@ -251,3 +251,29 @@ def test_per_view_training_writes_one_network_per_view(tiny_store, fast_training
     assert (out / "views" / "coronal" / "checksums.sha256").exists()
     pred, unc = Predictor(out, "cpu").predict_stack(np.ones((8, 16, 16), np.float32) * 0.5)
     assert pred.shape == (8, 16, 16) and unc is not None
+
+
+def test_single_view_learned_refinement_is_the_fusion_network_on_one_view(tiny_model, tiny_store, tmp_path):
+    """train_fusion(..., single_view=True), the benchmark's control of the learned fusion: the same 3-D CNN trained on
+    a one-view model's validation predictions refines that view (its output is the network applied to the one
+    view, no longer the view itself); without the keyword a one-view model is refused."""
+    import shutil
+
+    from synth7t.dataset.slices import SliceStore
+    from synth7t.inference import Predictor
+    from synth7t.inference.fusion import apply_fusion
+    from synth7t.inference.fusion_fit import train_fusion
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    with pytest.raises(ConfigError, match="nothing to fuse"):
+        train_fusion(model, tiny_store[1], steps=2, cube=8, progress=False, device="cpu")
+    train_fusion(model, tiny_store[1], steps=3, cube=8, lr=0.05, progress=False, device="cpu", single_view=True)
+    st = SliceStore(tiny_store[1])
+    stack = np.asarray(st.array(st.split_subjects("test")[0], "t3"), np.float32)
+    plain, refined = Predictor(tiny_model, "cpu"), Predictor(model, "cpu")
+    assert refined.fusion == "learned" and refined.fusion_net is not None and refined.fusion_net.cfg.n_views == 1
+    view = plain.predict_stack(stack)[0]
+    out, unc = refined.predict_stack(stack)
+    assert unc is None and not np.allclose(out, view, atol=1e-4)
+    np.testing.assert_allclose(out, apply_fusion(refined.fusion_net, view[None]), atol=1e-6)

@@ -57,8 +57,8 @@ def fuse(preds: np.ndarray, method: str = "mean", net: torch.nn.Module | None = 
     """(V, Z, H, W) per-view predictions -> the fused (Z, H, W) float32 volume (module docstring)."""
     check_fusion(method)
     preds = np.asarray(preds, np.float32)
-    if preds.shape[0] == 1:
-        return preds[0]
+    if preds.shape[0] == 1 and (method != "learned" or net is None):  # one view: nothing to fuse (without a
+        return preds[0]  # learned 3-D refinement of it, train_fusion(..., single_view=True))
     if method == "mean":
         return preds.mean(0)
     if method == "median":

@@ -50,9 +50,14 @@ def set_fusion(model_dir: str | Path, method: str) -> Path:
 
 def train_fusion(model_dir: str | Path, store: str | Path, *, split: str = "val", steps: int = 300, cube: int = 32,
                  batch_size: int = 4, lr: float = 1e-3, channels: int = 16, layers: int = 3, seed: int = 0,
-                 device: str = "auto", progress: bool = True) -> Path:
+                 device: str = "auto", progress: bool = True, single_view: bool = False) -> Path:
     """Train the learned fusion of ``model_dir`` on the ``split`` subjects of ``store`` (module docstring); returns
-    the model folder, now with ``fusion.safetensors`` and ``"fusion": "learned"``."""
+    the model folder, now with ``fusion.safetensors`` and ``"fusion": "learned"``.
+
+    ``single_view``: accept a model of one view; the network is then a learned 3-D refinement of that view's
+    prediction (the same residual 3-D CNN on one input), trained and applied the same way. It is the control
+    that separates what the fusion's 3-D convolutions, trained on the validation split, add from what the
+    views add (``benchmarks/variants.py``: ``tiny_learned``)."""
     from synth7t.dataset.slices import SliceStore
     from synth7t.inference.predictor import Predictor
     from synth7t.nn.fusion import FusionConfig, FusionNet
@@ -62,7 +67,7 @@ def train_fusion(model_dir: str | Path, store: str | Path, *, split: str = "val"
                           ">= 1")
     st = SliceStore(store)
     predictor = Predictor(model_dir, device)
-    if len(predictor.views) < 2:
+    if len(predictor.views) < 2 and not single_view:
         raise ConfigError(f"{model_dir}: a model of one view ({predictor.views[0]}) has nothing to fuse; train one "
                           "with data.views")
     subjects = [s for s in st.split_subjects(split) if st.info(s).get("has_t7")]

@@ -20,7 +20,7 @@ class FusionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n_views: int = Field(3, ge=2)
+    n_views: int = Field(3, ge=1)  # 1: a learned 3-D refinement of one view (train_fusion(single_view=True))
     channels: int = Field(16, ge=1)
     layers: int = Field(3, ge=1)
 
