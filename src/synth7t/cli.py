@@ -536,13 +536,16 @@ def train_fusion(
     steps: Annotated[int, typer.Option(help="Adam steps of the fusion network.")] = 300,
     cube: Annotated[int, typer.Option(help="Side (voxels) of the random training cubes.")] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    single_view: Annotated[bool, typer.Option("--single-view", help="Accept a model of one view: the network "
+                                              "is then a learned 3-D refinement of its prediction.")] = False,
 ) -> None:
     """Learn how to fuse a multi-view model's views: a small 3-D CNN on the per-view predictions of the validation
-    split, written into the model folder (fusion.safetensors) and made its default fusion.
+    split, written into the model folder (fusion.safetensors) and made its default fusion. With --single-view, the
+    same network refines a one-view model's prediction.
     """
     from synth7t.inference.fusion_fit import train_fusion as train_fusion_fn
 
-    path = train_fusion_fn(model, store, split=split, steps=steps, cube=cube, device=device)
+    path = train_fusion_fn(model, store, split=split, steps=steps, cube=cube, device=device, single_view=single_view)
     typer.echo(f"model folder: {path} (fusion: learned)")
 
 

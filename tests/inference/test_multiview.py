@@ -228,8 +228,16 @@ def test_cli_train_fusion_and_fusion_options_fail_in_one_line(tiny_model, tiny_s
 
     runner = CliRunner()
     single = runner.invoke(app, ["train-fusion", str(tiny_model), str(tiny_store[1])])
-    assert single.exit_code != 0 and "nothing to fuse" in single.output
+    assert single.exit_code != 0 and "nothing to fuse" in single.output and "--single-view" in single.output
     assert len(single.output.strip().splitlines()) == 1
+    import shutil
+
+    copy = tmp_path / "refined"
+    shutil.copytree(tiny_model, copy, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    refined = runner.invoke(app, ["train-fusion", str(copy), str(tiny_store[1]), "--single-view", "--steps", "2",
+                                  "--cube", "8", "--device", "cpu"])
+    assert refined.exit_code == 0, refined.output
+    assert json.loads((copy / "config.json").read_text())["fusion_network"]["views"] == ["axial"]
     bad = runner.invoke(app, ["evaluate", str(tiny_model), str(tiny_store[1]), "-o", str(tmp_path / "r"),
                               "--fusion", "max"])
     assert bad.exit_code != 0 and "fusion 'max'" in bad.output and "Traceback" not in bad.output

@@ -69,7 +69,7 @@ def train_fusion(model_dir: str | Path, store: str | Path, *, split: str = "val"
     predictor = Predictor(model_dir, device)
     if len(predictor.views) < 2 and not single_view:
         raise ConfigError(f"{model_dir}: a model of one view ({predictor.views[0]}) has nothing to fuse; train one "
-                          "with data.views")
+                          "with data.views, or use --single-view for a learned 3-D refinement of its one view")
     subjects = [s for s in st.split_subjects(split) if st.info(s).get("has_t7")]
     if not subjects:
         raise InputError(f"{st.root}: split {split!r} has no subject with a 7T to learn the fusion from")
