@@ -97,14 +97,14 @@ def step_seconds(repeats: int = 5) -> float:
     import torch
 
     from synth7t.config import load_config
-    from synth7t.devices import cpu_bf16_is_faster
+    from synth7t.devices import cpu_has_native_bf16
     from synth7t.nn import build_generator
 
     cfg = load_config("tiny")
     net = build_generator(cfg.model.model_dump(mode="json"))
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     x, y, c = torch.rand(16, 3, 96, 96), torch.rand(16, 1, 96, 96), torch.zeros(16, 7)
-    bf16 = cpu_bf16_is_faster()  # the precision `trainer.precision: auto` trains in here
+    bf16 = cpu_has_native_bf16()  # the precision `trainer.precision: auto` trains in here
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
