@@ -87,9 +87,10 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     with native bf16 (:func:`cpu_has_native_bf16`), fp32 elsewhere.
 
     Not the matmul probe of :func:`cpu_bf16_is_faster`: on the project's machine C (AVX512-BF16 without AMX, where a
-    2048² bf16 matmul runs at half the fp32 rate) the probe chose fp32, and the demo's ``tiny`` then trained 532
-    steps in its 6 minutes instead of 625 in bf16, and scored 19.86 instead of 20.86 dB held-out: a small network's
-    step is not GEMM-bound. A probe for training would have to time the model's own step."""
+    2048² bf16 matmul runs at half the fp32 rate) the probe chose fp32; the demo's ``tiny`` then trained 532 steps
+    in its 6 minutes and scored 19.86 dB held-out, and in bf16, from a clean clone right after, 505 steps and
+    20.55 dB (``histmatch_population`` 19.89): a small network's step is not GEMM-bound, and bf16 did not cost it
+    steps. A probe for training would have to time the model's own step (and its quality is another matter)."""
     if precision != "auto":
         return "32-true" if precision == "32" else precision
     if accelerator == "cuda" and torch.cuda.is_bf16_supported():
