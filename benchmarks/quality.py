@@ -120,6 +120,7 @@ def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int, step
                  subjects: int = 18) -> dict:
     from synth7t.evaluation.evaluate import evaluate, quality_table
     from synth7t.pipeline_demo import SCORE_TTA, train_model, transfer_scores
+    from variants import training_budget
 
     store = prepare_cohort(out, jobs, subjects)
     results = {}
@@ -127,9 +128,7 @@ def run_ablation(out: Path, variants: list[str], minutes: float, jobs: int, step
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
         folder = out / "ablation" / slug
         t = time.perf_counter()
-        budget = {"trainer.max_minutes": minutes, "trainer.max_epochs": 200}
-        if steps:  # a step budget: rows stay comparable when other jobs share the machine
-            budget = {"trainer.max_minutes": 20 * minutes, "trainer.max_steps": steps, "trainer.max_epochs": 200}
+        budget = training_budget(minutes, steps)  # steps: rows stay comparable when other jobs share the machine
         model = train_model(store, folder, {**budget, **ABLATIONS[name]}, progress=True)
         evaluate(model, store, folder / "report", segmentation="none", progress=True, tta=SCORE_TTA)
         held = quality_table(folder / "report")

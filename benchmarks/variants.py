@@ -189,6 +189,14 @@ def run_variant(name: str, out: Path, store: Path, budget: dict, *, jobs: int, t
             "predict_s_per_brain": pred_s, "minutes": round((time.perf_counter() - t) / 60, 1)}
 
 
+def training_budget(minutes: float, steps: int | None = None) -> dict:
+    """The trainer overrides of a variant's budget: ``minutes`` of wall clock, or ``steps`` (then a generous 20x
+    ``minutes`` only as a safety stop), at most 200 epochs."""
+    if steps:
+        return {"trainer.max_minutes": 20 * minutes, "trainer.max_steps": steps, "trainer.max_epochs": 200}
+    return {"trainer.max_minutes": minutes, "trainer.max_epochs": 200}
+
+
 def budget_text(minutes: float, steps: int | None = None) -> str:
     return f"{steps} training steps (batch 16)" if steps else f"{minutes:g} min of training"
 
@@ -198,9 +206,7 @@ def run_variants(out: Path, store: Path, names: list[str], minutes: float, *, jo
     """Run ``names`` one after the other; writes ``variants.json`` and ``variants.md`` after each. ``steps``: a step
     budget per variant instead of ``minutes`` (the same network at the same batch size then gets the same compute
     whatever else runs on the machine; ``per_view`` splits it among its views as it splits minutes)."""
-    budget = {"trainer.max_minutes": minutes, "trainer.max_epochs": 200}
-    if steps:
-        budget = {"trainer.max_minutes": 20 * minutes, "trainer.max_steps": steps, "trainer.max_epochs": 200}
+    budget = training_budget(minutes, steps)
     results: dict[str, dict] = {}
     for name in names:
         results[name] = run_variant(name, out, store, budget, jobs=jobs, transfer=transfer)
